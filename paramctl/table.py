@@ -1,0 +1,230 @@
+"""The checkpoint table: ordered named tensors with lazy handles on their bytes.
+
+A `Storage` is a run of raw bytes (a region of a file, or memory). A `Tensor` is a view on
+one: dtype, element offset, shape and strides, as torch describes tensors. Two names that view
+the same storage the same way are one tensor (a tie); disjoint views of one storage (the q, k, v
+slices of a fused matrix) are not.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from paramctl.dtypes import FLOATING, check_name, itemsize, numpy_dtype
+from paramctl.errors import FormatError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+@dataclass(eq=False)
+class Storage:
+    """Raw bytes: `nbytes` at `offset` in the file `path`, or held in `buffer`, or made by `load`."""
+
+    nbytes: int
+    path: str | None = None
+    offset: int = 0
+    buffer: bytes | bytearray | memoryview | None = None
+    load: Callable[[], bytes] | None = None
+
+    def read(self, start: int = 0, length: int | None = None) -> bytes | memoryview:
+        if length is None:
+            length = self.nbytes - start
+        if start < 0 or length < 0 or start + length > self.nbytes:
+            raise FormatError(f"read of bytes [{start}, {start + length}) beyond a storage of {self.nbytes}", self.path)
+        if self.buffer is None and self.load is not None:
+            self.buffer = self.load()
+        if self.buffer is not None:
+            return memoryview(self.buffer)[start : start + length]
+        assert self.path is not None
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + start)
+            data = f.read(length)
+        if len(data) != length:
+            raise FormatError(f"truncated: tensor data ends at byte {self.offset + start + len(data)}", self.path)
+        return data
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+@dataclass(eq=False)
+class Tensor:
+    """One row of the table. `offset` and `stride` count elements, as torch does."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    storage: Storage
+    offset: int = 0
+    stride: tuple[int, ...] | None = None  # None: contiguous
+    tie: str | None = None  # the first name of this tensor's tie group, if tied
+    attrs: dict[str, Any] = field(default_factory=dict)  # format-specific (requires_grad, HDF5 attributes)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        return self.stride if self.stride is not None else contiguous_strides(self.shape)
+
+    @property
+    def is_contiguous(self) -> bool:
+        real = [(n, s) for n, s in zip(self.shape, self.strides) if n != 1]
+        return all(s == c for (n, s), c in zip(real, contiguous_strides(tuple(n for n, _ in real))))
+
+    def extent(self) -> int:
+        """Elements of storage this view spans, from `offset`."""
+        if self.numel == 0:
+            return 0
+        return 1 + sum((n - 1) * s for n, s in zip(self.shape, self.strides))
+
+    def check_bounds(self) -> None:
+        """Raise FormatError unless the view lies inside its storage."""
+        if any(n < 0 for n in self.shape) or any(s < 0 for s in self.strides) or self.offset < 0:
+            raise FormatError(f"tensor {self.name!r} has a negative size, stride or offset", self.storage.path)
+        if (self.offset + self.extent()) * itemsize(self.dtype) > self.storage.nbytes and self.numel:
+            raise FormatError(
+                f"tensor {self.name!r} needs {(self.offset + self.extent()) * itemsize(self.dtype)} bytes "
+                f"but its storage holds {self.storage.nbytes}",
+                self.storage.path,
+            )
+
+    def tobytes(self) -> bytes | memoryview:
+        """The tensor's bytes in C order, bit for bit as stored."""
+        if self.is_contiguous:
+            size = itemsize(self.dtype)
+            return self.storage.read(self.offset * size, self.numel * size)
+        return self.array().tobytes()
+
+    def array(self) -> np.ndarray:
+        """A numpy array of the values (read-only when it views the file's bytes)."""
+        import numpy as np
+
+        dt = numpy_dtype(self.dtype)
+        if self.numel == 0:
+            return np.empty(self.shape, dt)
+        size = dt.itemsize
+        flat = np.frombuffer(self.storage.read(self.offset * size, self.extent() * size), dt)
+        if self.is_contiguous:
+            return flat.reshape(self.shape)
+        view = np.lib.stride_tricks.as_strided(flat, self.shape, [s * size for s in self.strides], writeable=False)
+        return np.ascontiguousarray(view)
+
+    def view_key(self) -> tuple:
+        """Equal for two names that are the same stored tensor."""
+        shape_strides = tuple((n, s) for n, s in zip(self.shape, self.strides) if n != 1)
+        return (id(self.storage), self.offset, self.dtype, self.shape, shape_strides)
+
+
+def tensor_from_array(name: str, array: np.ndarray, **attrs: Any) -> Tensor:
+    """A tensor holding a copy of ARRAY in memory."""
+    import numpy as np
+
+    from paramctl.dtypes import from_numpy
+
+    data = np.ascontiguousarray(array)
+    dtype = from_numpy(data.dtype)
+    raw = data.tobytes()
+    return Tensor(name, tuple(data.shape), dtype, Storage(len(raw), buffer=raw), attrs=attrs)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint as one ordered table of tensors plus whatever else the file carries.
+
+    `metadata` is a string map (safetensors `__metadata__`); `extra` is format-specific content
+    that the writer of the same format puts back (the pickled object tree of a `.pt`, the source
+    HDF5 file whose attributes and layout are kept, the `.keras` archive members).
+    """
+
+    source: str
+    format: str
+    tensors: list[Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    extra: Any = None
+    file_size: int = 0
+
+    def __post_init__(self) -> None:
+        self.link_ties()
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __getitem__(self, name: str) -> Tensor:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise UsageError(f"no tensor named {name!r}", self.source)
+
+    def names(self) -> list[str]:
+        return [t.name for t in self.tensors]
+
+    def link_ties(self) -> None:
+        """Set each tensor's `tie` to the first name of the group of names viewing the same bytes."""
+        first: dict[tuple, str] = {}
+        counts: dict[tuple, int] = {}
+        for t in self.tensors:
+            key = t.view_key()
+            first.setdefault(key, t.name)
+            counts[key] = counts.get(key, 0) + 1
+        for t in self.tensors:
+            key = t.view_key()
+            t.tie = first[key] if counts[key] > 1 and t.numel else None
+
+    def tie_groups(self) -> list[list[str]]:
+        groups: dict[str, list[str]] = {}
+        for t in self.tensors:
+            if t.tie is not None:
+                groups.setdefault(t.tie, []).append(t.name)
+        return list(groups.values())
+
+    def floating(self) -> list[Tensor]:
+        return [t for t in self.tensors if t.dtype in FLOATING]
+
+    def cast(self, tensors: list[Tensor], dtype: str) -> None:
+        """Convert TENSORS to DTYPE in memory; a tie group gets one new storage, so it stays tied."""
+        check_name(dtype)
+        done: dict[tuple, Tensor] = {}
+        for t in tensors:
+            if t.dtype == dtype:
+                continue
+            key = t.view_key()
+            if key not in done:
+                done[key] = tensor_from_array(t.name, t.array().astype(numpy_dtype(dtype)))
+            new = done[key]
+            t.dtype, t.storage, t.offset, t.stride = new.dtype, new.storage, 0, None
+
+    def select(self, pattern: str | None = None, exclude: Iterable[str] = ()) -> list[Tensor]:
+        """Tensors whose names match PATTERN (regex, search semantics) and none of EXCLUDE."""
+        keep = compile_pattern(pattern) if pattern else None
+        drops = [compile_pattern(p) for p in exclude]
+        return [
+            t
+            for t in self.tensors
+            if (keep is None or keep.search(t.name)) and not any(d.search(t.name) for d in drops)
+        ]
+
+
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise UsageError(f"invalid pattern {pattern!r}: {e}") from None
