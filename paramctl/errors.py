@@ -17,8 +17,13 @@ class ParamctlError(Exception):
     exit_code = Exit.ERROR
 
     def __init__(self, message: str, path: str | None = None):
+        self.message = message
         self.path = path
         super().__init__(f"{path}: {message}" if path else message)
+
+    def about(self, path: str) -> ParamctlError:
+        """The same error, naming PATH (what the user typed) instead of the file actually read."""
+        return type(self)(self.message, path)
 
 
 class FormatError(ParamctlError):

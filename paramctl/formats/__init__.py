@@ -79,13 +79,13 @@ def load(path: str) -> Checkpoint:
     elif not os.path.exists(path):
         raise FormatError("no such file or directory", path)
     try:
-        fmt = sniff(path)
+        ckpt = _reader(sniff(path))(path, source)
     except OSError as e:
         raise FormatError(e.strerror or str(e), source) from None
-    try:
-        ckpt = _reader(fmt)(path, source)
-    except OSError as e:
-        raise FormatError(e.strerror or str(e), source) from None
+    except ParamctlError as e:
+        if e.path == path != source:
+            raise e.about(source) from None
+        raise
     if not ckpt.file_size and os.path.isfile(path):
         ckpt.file_size = os.path.getsize(path)
     return ckpt

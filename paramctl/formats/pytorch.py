@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import re
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -277,8 +278,9 @@ def load_legacy(path: str, source: str) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        message = str(e).splitlines()[0] if str(e) else "unpickling failed"
-        raise UnsafeContentError(f"refuses to load: {message}", path) from None
+        blocked = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"pickle global {blocked.group(1)} is not allowed" if blocked else "the pickle is not weights-only"
+        raise UnsafeContentError(f"refuses to load: {what}", path) from None
     except Exception as e:
         raise FormatError(f"invalid legacy PyTorch file: {type(e).__name__}: {e}", path) from None
     storages: dict[int, Storage] = {}

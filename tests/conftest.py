@@ -1,0 +1,28 @@
+"""Shared test helpers: run the CLI in-process, locate the bundled samples and shared fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "sample_checkpoints"
+FIXTURES = REPO.parent / "shared" / "fixtures"
+
+
+def run(*args: str, input: bytes | None = None, tty: bool = False) -> Result:
+    """Invoke `paramctl ARGS` in-process; TTY pretends standard output is a terminal."""
+    from paramctl.cli import cli
+
+    env = {"PARAMCTL_TTY": "1" if tty else "0", "COLUMNS": "200"}
+    return CliRunner().invoke(cli, list(args), input=input, env=env, catch_exceptions=False)
+
+
+@pytest.fixture
+def samples() -> Path:
+    return SAMPLES
