@@ -4,5 +4,15 @@ from paramctl.errors import FormatError, ParamctlError, UnsafeContentError, Usag
 from paramctl.formats import load, save
 from paramctl.table import Checkpoint, Storage, Tensor
 
-__all__ = ["load", "save", "Checkpoint", "Tensor", "Storage", "ParamctlError", "FormatError", "UnsafeContentError", "UsageError"]
+__all__ = [
+    "load",
+    "save",
+    "Checkpoint",
+    "Tensor",
+    "Storage",
+    "ParamctlError",
+    "FormatError",
+    "UnsafeContentError",
+    "UsageError",
+]
 __version__ = "0.1.0"

@@ -131,7 +131,9 @@ def ls_command(ckpt: str, pattern: str | None, exclude: tuple[str, ...], fmt: st
     rows = selected(table, pattern, exclude)
     numel, nbytes = unique_numel(rows)
     footer = {"name": f"{len(rows)} tensors", "numel": numel, "nbytes": nbytes}
-    records = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "numel": t.numel, "nbytes": t.nbytes} for t in rows]
+    records = [
+        {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "numel": t.numel, "nbytes": t.nbytes} for t in rows
+    ]
     output.emit(records, LS_COLUMNS, fmt, footer=footer, title=ckpt)
 
 
@@ -172,7 +174,16 @@ def tree_rows(tensors: list[Tensor], depth: int | None) -> list[dict[str, Any]]:
                 break
             path = t.name[:cut]
             node = node["children"].setdefault(
-                path, {"path": path, "label": t.name[start:cut], "depth": level, "children": {}, "tensors": 0, "numel": 0, "nbytes": 0}
+                path,
+                {
+                    "path": path,
+                    "label": t.name[start:cut],
+                    "depth": level,
+                    "children": {},
+                    "tensors": 0,
+                    "numel": 0,
+                    "nbytes": 0,
+                },
             )
             node["tensors"] += 1
             node["numel"] += t.numel
@@ -223,6 +234,11 @@ def info_command(ckpt: str, fmt: str | None) -> None:
     entries = non_tensor_entries(table)
     if entries:
         record["entries"] = entries
+    if output.resolve(fmt) not in ("json", "jsonl"):
+        record["dtypes"] = "; ".join(
+            f"{d}: {v['tensors']} tensors, {output.human_bytes(v['bytes'])}" for d, v in by_dtype.items()
+        )
+        record["tie_groups"] = "; ".join(" = ".join(group) for group in record["tie_groups"])
     output.emit_record(record, fmt)
 
 

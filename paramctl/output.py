@@ -95,7 +95,9 @@ def emit(
         count = 0
         out.write("[")
         for row in rows:
-            out.write(("," if count else "") + "\n  " + json.dumps({c: row.get(c) for c in columns}, ensure_ascii=False))
+            out.write(
+                ("," if count else "") + "\n  " + json.dumps({c: row.get(c) for c in columns}, ensure_ascii=False)
+            )
             count += 1
         out.write("\n]\n" if count else "]\n")
     elif fmt == "jsonl":
@@ -113,12 +115,16 @@ def emit(
         _table(list(rows), columns, footer, title)
 
 
-def _table(rows: list[dict[str, Any]], columns: Sequence[str], footer: dict[str, Any] | None, title: str | None) -> None:
+def _table(
+    rows: list[dict[str, Any]], columns: Sequence[str], footer: dict[str, Any] | None, title: str | None
+) -> None:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(escape(title)) if title else None, show_footer=footer is not None, box=None, pad_edge=False)
+    table = Table(
+        title=Text(escape(title)) if title else None, show_footer=footer is not None, box=None, pad_edge=False
+    )
     for c in columns:
         numeric = bool(rows) and isinstance(rows[0].get(c), (int, float)) and not isinstance(rows[0].get(c), bool)
         foot = Text(_human(c, footer[c]) if footer and c in footer else "", style="bold")

@@ -95,7 +95,16 @@ def test_tree_counts_per_subtree():
     rows = json.loads(run("tree", str(SAMPLES / "nested.pt"), "--depth", "2", "-f", "json").stdout)
     assert rows[0] == {"path": "0", "depth": 1, "tensors": 16, "numel": 304, "nbytes": 1216}
     assert rows[1] == {"path": "0.block 0", "depth": 2, "tensors": 4, "numel": 76, "nbytes": 304}
-    assert [r["path"] for r in rows] == ["0", "0.block 0", "0.block 1", "0.block 2", "0.block 3", "1", "1.weight", "1.bias"]
+    assert [r["path"] for r in rows] == [
+        "0",
+        "0.block 0",
+        "0.block 1",
+        "0.block 2",
+        "0.block 3",
+        "1",
+        "1.weight",
+        "1.bias",
+    ]
 
 
 def test_tree_splits_on_slash_and_groups_interleaved_names():

@@ -102,7 +102,9 @@ def malformed_files() -> dict[str, bytes]:
         "st-hole": _safetensors_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, b"\x00" * 16),
         "st-overlap": _safetensors_bytes({"a": f32, "b": f32}, b"\x00" * 8),
         "st-size-mismatch": _safetensors_bytes({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)),
-        "st-shape-bomb": _safetensors_bytes({"a": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 16]}}, bytes(16)),
+        "st-shape-bomb": _safetensors_bytes(
+            {"a": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 16]}}, bytes(16)
+        ),
         "st-bad-dtype": _safetensors_bytes({"a": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
         "st-bad-metadata": _safetensors_bytes({"__metadata__": {"epoch": 3}}, b""),
         "st-not-object": _safetensors_bytes([1, 2], b""),  # type: ignore[arg-type]
@@ -173,8 +175,8 @@ def test_failed_convert_writes_nothing(tmp_path):
 
 
 def test_control_characters_in_names_are_escaped(tmp_path):
-    from safetensors.numpy import save_file
     import numpy as np
+    from safetensors.numpy import save_file
 
     hostile = "evil\x1b[31m\tname\n\u202eright"
     path = tmp_path / "hostile.safetensors"

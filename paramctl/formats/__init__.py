@@ -7,13 +7,13 @@ Formats: `pt` (torch zip), `pt-legacy` (pre-1.6 torch pickle), `safetensors`, `h
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
-from contextlib import contextmanager
 
 from paramctl.errors import FormatError, ParamctlError, UsageError
 from paramctl.table import Checkpoint
@@ -129,10 +129,8 @@ def _spool_stdin() -> str:
 
 
 def _remove(path: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(path)
-    except OSError:
-        pass
 
 
 def output_format(path: str, ckpt: Checkpoint, to: str | None = None) -> str:
@@ -203,7 +201,7 @@ def _writer(fmt: str):
     raise UsageError(f"cannot write format {fmt!r}; choose one of {', '.join(WRITABLE)}")
 
 
-@contextmanager
+@contextlib.contextmanager
 def atomic_path(target: str) -> Iterator[str]:
     """A temporary path beside TARGET, renamed over it once the writer has finished.
 

@@ -51,30 +51,34 @@ class TorchSize(tuple):
     """A torch.Size in the object, kept apart from plain tuples so it is written back as one."""
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, hooks=None, *rest, dtype=None):
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad, dtype=None) -> Tensor:
     if not isinstance(storage, _StorageRef):
         raise FormatError("tensor record without a storage")
     dtype = dtype or storage.dtype
     if dtype is None:
         raise FormatError("tensor record without a dtype")
     shape, strides = tuple(size), tuple(stride)
-    if not all(type(n) is int for n in shape + strides) or len(shape) != len(strides) or type(storage_offset) is not int:
+    if (
+        not all(type(n) is int for n in shape + strides)
+        or len(shape) != len(strides)
+        or type(storage_offset) is not int
+    ):
         raise FormatError(f"tensor record with an invalid size {size!r:.80} or stride {stride!r:.80}")
-    size_bytes = itemsize(dtype)
-    if storage.nbytes % size_bytes:
+    if storage.nbytes % itemsize(dtype):
         raise FormatError(f"storage {storage.key!r} of {storage.nbytes} bytes is not a whole number of {dtype}")
-    t = Tensor("", shape, dtype, storage.storage, storage_offset, strides, attrs={"requires_grad": bool(requires_grad)})
-    return t
+    return Tensor(
+        "", shape, dtype, storage.storage, storage_offset, strides, attrs={"requires_grad": bool(requires_grad)}
+    )
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    return _rebuild_tensor(storage, storage_offset, size, stride, requires_grad, hooks)
+    return _rebuild_tensor(storage, storage_offset, size, stride, requires_grad)
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, metadata=None):
     if not isinstance(dtype, TorchDtype):
         raise FormatError(f"tensor record with an invalid dtype {dtype!r:.80}")
-    return _rebuild_tensor(storage, storage_offset, size, stride, requires_grad, hooks, dtype=dtype.name)
+    return _rebuild_tensor(storage, storage_offset, size, stride, requires_grad, dtype.name)
 
 
 def _rebuild_parameter(data, requires_grad, hooks, state=None):
@@ -248,7 +252,9 @@ def name_tensors(obj: Any, path: str) -> list[Tensor]:
         if isinstance(node, Tensor):
             if id(node) in seen:  # one pickled object in two places: a row per name, tied
                 first = seen[id(node)]
-                node = Tensor("", first.shape, first.dtype, first.storage, first.offset, first.stride, attrs=first.attrs)
+                node = Tensor(
+                    "", first.shape, first.dtype, first.storage, first.offset, first.stride, attrs=first.attrs
+                )
             seen[id(node)] = node
             node.name = prefix or "tensor"
             node.check_bounds()
@@ -291,7 +297,7 @@ def load_legacy(path: str, source: str) -> Checkpoint:
         if key not in storages:
             raw = bytes(untyped)
             storages[key] = Storage(len(raw), buffer=raw)
-        row = Tensor("", tuple(t.shape), from_torch(t.dtype), storages[key], t.storage_offset(), tuple(t.stride()))
+        row = Tensor("", tuple(t.shape), from_torch(t.dtype), storages[key], int(t.storage_offset()), tuple(t.stride()))
         row.attrs.update(requires_grad=t.requires_grad, parameter=isinstance(t, torch.nn.Parameter))
         return row
 
@@ -413,5 +419,3 @@ def _describe(node: Any) -> str:
     if isinstance(node, (dict, list, tuple)):
         return repr(node)
     return f"{type(node).__name__}: {node!r:.200}"
-
-

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+
 from paramctl.dtypes import SAFETENSORS, TO_SAFETENSORS, itemsize
 from paramctl.errors import FormatError, UsageError
 from paramctl.table import Checkpoint, Storage, Tensor
@@ -125,7 +126,11 @@ def save(ckpt: Checkpoint, path: str) -> None:
     header: dict = {"__metadata__": metadata} if metadata else {}
     end = 0
     for t in stored:
-        header[t.name] = {"dtype": TO_SAFETENSORS[t.dtype], "shape": list(t.shape), "data_offsets": [end, end + t.nbytes]}
+        header[t.name] = {
+            "dtype": TO_SAFETENSORS[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [end, end + t.nbytes],
+        }
         end += t.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)

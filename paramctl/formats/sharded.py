@@ -11,7 +11,7 @@ import json
 import os
 
 from paramctl.errors import FormatError
-from paramctl.table import Checkpoint
+from paramctl.table import Checkpoint, Tensor
 
 
 def index_file(path: str) -> str:
@@ -53,7 +53,8 @@ def load(path: str, source: str) -> Checkpoint:
         if not os.path.isfile(shard_path):
             raise FormatError(f"shard {shard!r} named in the index is missing", index)
         shards[shard] = load_file(shard_path)
-    tensors, owner = [], {}
+    tensors: list[Tensor] = []
+    owner: dict[str, str] = {}
     for shard, ckpt in shards.items():
         for t in ckpt.tensors:
             if t.name in owner:
