@@ -52,7 +52,7 @@ class TorchSize(tuple):
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad, dtype=None) -> Tensor:
-    if not isinstance(storage, _StorageRef):
+    if not isinstance(storage, _StorageRef) or not isinstance(storage.storage, Storage):
         raise FormatError("tensor record without a storage")
     dtype = dtype or storage.dtype
     if dtype is None:
@@ -102,13 +102,18 @@ _PARAMETER_TYPE = object()
 _REBUILDERS = (_rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter)
 
 
+def _encode(text: str, encoding: str = "utf-8") -> bytes:
+    """How protocol-2 pickles spell bytes; other codecs (zlib, bz2, ...) are not admitted."""
+    if encoding not in ("latin1", "latin-1", "utf-8") or not isinstance(text, str):
+        raise UnsafeContentError(f"refuses _codecs.encode with codec {encoding!r:.40}")
+    return text.encode(encoding)
+
+
 def _device(*spec):
     return TorchDevice(tuple(spec))
 
 
 def _admitted() -> dict[str, Any]:
-    import codecs
-
     globals_: dict[str, Any] = {
         "collections.OrderedDict": collections.OrderedDict,
         "collections.Counter": collections.Counter,
@@ -116,7 +121,7 @@ def _admitted() -> dict[str, Any]:
         "builtins.frozenset": frozenset,
         "builtins.bytearray": bytearray,
         "builtins.complex": complex,
-        "_codecs.encode": codecs.encode,
+        "_codecs.encode": _encode,
         "torch.Size": TorchSize,
         "torch.device": _device,
         "torch.serialization._get_layout": TorchLayout,
@@ -295,7 +300,7 @@ def load_legacy(path: str, source: str) -> Checkpoint:
         untyped = t.untyped_storage()
         key = untyped.data_ptr()
         if key not in storages:
-            raw = bytes(untyped)
+            raw = torch.empty(0, dtype=torch.uint8).set_(untyped).numpy().tobytes()
             storages[key] = Storage(len(raw), buffer=raw)
         row = Tensor("", tuple(t.shape), from_torch(t.dtype), storages[key], int(t.storage_offset()), tuple(t.stride()))
         row.attrs.update(requires_grad=t.requires_grad, parameter=isinstance(t, torch.nn.Parameter))

@@ -1,0 +1,346 @@
+"""HDF5 (Keras `.h5` / `.weights.h5`): every numeric dataset is a row named by its path.
+
+Contiguous datasets are read straight from the file at the offset HDF5 reports, so reading
+values needs neither h5py nor a copy; chunked (compressed) ones are read through h5py on demand.
+Keras stores bf16 as opaque 2-byte data tagged with a dataset attribute `dtype="bfloat16"`; the
+other types numpy lacks (float8) are tagged the same way. Everything else in the file (groups,
+attributes, string datasets, links) is written back from the source file by `write`.
+
+Rows follow the file, except where Keras lists weights in `layer_names` / `weight_names`
+attributes: loading is positional, so those rows come in the listed order.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from itertools import count, takewhile
+from typing import TYPE_CHECKING, Any
+
+from paramctl.dtypes import ITEMSIZE, from_numpy, itemsize
+from paramctl.errors import FormatError, UsageError
+from paramctl.table import Checkpoint, Storage, Tensor
+
+if TYPE_CHECKING:
+    import h5py
+
+# dtypes h5py stores as opaque bytes (from ml_dtypes arrays), named by a `dtype` attribute
+TAGGED = {name for name in ITEMSIZE if name == "bfloat16" or name.startswith("float8")}
+H5PY_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
+
+
+class FileWindow(io.RawIOBase):
+    """Bytes [start, start + size) of a file, read as a file of their own (a stored zip member)."""
+
+    def __init__(self, path: str, start: int, size: int):
+        super().__init__()
+        self._file = open(path, "rb")  # noqa: SIM115 - held until close()
+        self._start, self._size, self._pos = start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + pos < 0:
+            raise OSError("seek before the start of the file")
+        self._pos = base + pos
+        return self._pos
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        n = max(0, min(len(buffer), self._size - self._pos))
+        self._file.seek(self._start + self._pos)
+        got = self._file.readinto(memoryview(buffer)[:n])
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+@dataclass(frozen=True)
+class H5Image:
+    """Where an HDF5 file lives: the file at `path`, or its zip member `member` (`size` bytes
+    stored at `offset`, or decompressed into `data`). The writer reopens it to copy what is kept."""
+
+    path: str
+    member: str | None = None
+    offset: int = 0
+    size: int | None = None
+    data: bytes | None = field(default=None, repr=False)
+
+    @contextmanager
+    def open(self) -> Iterator[h5py.File]:
+        import h5py
+
+        if self.data is not None:
+            fileobj: Any = io.BytesIO(self.data)
+        elif self.member is not None:
+            fileobj = FileWindow(self.path, self.offset, self.size or 0)
+        else:
+            fileobj = self.path
+        try:
+            with h5py.File(fileobj, "r") as f:
+                yield f
+        finally:
+            if not isinstance(fileobj, str):
+                fileobj.close()
+
+    @contextmanager
+    def reading(self) -> Iterator[h5py.File]:
+        """`open`, with h5py's errors about a damaged file turned into FormatError."""
+        try:
+            with self.open() as f:
+                yield f
+        except H5PY_ERRORS as e:
+            where = f"{self.member} in the archive is not" if self.member else "not"
+            raise FormatError(f"{where} a valid HDF5 file: {e}", self.path) from None
+
+    @property
+    def nbytes(self) -> int:
+        return self.size if self.size is not None else os.path.getsize(self.path)
+
+
+@dataclass(frozen=True)
+class HardLinkTo:
+    """Another hard link to the object first reached at `path`."""
+
+    path: str
+
+
+def load(path: str, source: str) -> Checkpoint:
+    image = H5Image(path)
+    return Checkpoint(source, "hdf5", read_tensors(image), extra=image)
+
+
+def read_tensors(image: H5Image) -> list[Tensor]:
+    import h5py
+
+    rows: dict[str, Tensor] = {}
+    with image.reading() as f:
+        groups = {"": f["/"]}
+        for name, item in walk(f["/"]):
+            if isinstance(item, h5py.Group):
+                groups[name] = item
+            elif isinstance(item, h5py.Dataset):
+                dtype = tensor_dtype(item)
+                if dtype is not None:
+                    rows[name] = Tensor(name, item.shape, dtype, dataset_storage(item, dtype, image, name))
+            elif isinstance(item, HardLinkTo) and item.path in rows:
+                first = rows[item.path]  # one dataset under two names: a tie
+                rows[name] = Tensor(name, first.shape, first.dtype, first.storage)
+        listed = dict.fromkeys(n for n in listed_weights(groups) if n in rows)
+    slots = iter(listed)
+    return [rows[next(slots) if name in listed else name] for name in rows]
+
+
+def walk(group: h5py.Group, prefix: str = "", first: dict | None = None) -> Iterator[tuple[str, Any]]:
+    """Every link below GROUP as (path, item), a group before its members, in stored order.
+
+    item is a Group or Dataset; a SoftLink or ExternalLink, never followed (that could read
+    another file; Keras refuses them too); or a HardLinkTo for an object already reached, so
+    that a cycle of hard links ends.
+    """
+    import h5py
+
+    first = {} if first is None else first
+    for name in children(group):
+        path = prefix + name
+        link = group.get(name, getlink=True)
+        if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+            yield path, link
+            continue
+        item = group[name]
+        if item.id in first:
+            yield path, HardLinkTo(first[item.id])
+            continue
+        first[item.id] = path
+        yield path, item
+        if isinstance(item, h5py.Group):
+            yield from walk(item, path + "/", first)
+
+
+def children(group: h5py.Group) -> list[str]:
+    """Link names in creation order where the group tracks it, else in natural order (HDF5 would
+    give name order, which puts Keras 3's `vars/10` before `vars/2`)."""
+    names = list(group)
+    if tracks_order(group):
+        return names
+    return sorted(names, key=lambda n: [int(s) if i % 2 else s for i, s in enumerate(re.split(r"(\d+)", n))])
+
+
+def tracks_order(group: h5py.Group) -> bool:
+    return bool(group.id.get_create_plist().get_link_creation_order())
+
+
+def tensor_dtype(ds: h5py.Dataset) -> str | None:
+    """The dtype of a dataset's values, or None for content that is not a tensor (strings,
+    records, opaque data without a tag, external or virtual storage, an empty dataspace)."""
+    dt = ds.dtype
+    if ds.shape is None or ds.external or ds.is_virtual:
+        return None
+    if dt.kind == "V" and dt.names is None and dt.subdtype is None:
+        tag = ds.attrs.get("dtype")
+        tag = tag.decode("utf-8", "replace") if isinstance(tag, bytes) else tag
+        return tag if isinstance(tag, str) and tag in TAGGED and itemsize(tag) == dt.itemsize else None
+    if dt.kind not in "biufc":
+        return None
+    try:
+        return from_numpy(dt.newbyteorder("<"))
+    except UsageError:  # float128 and other types paramctl does not name
+        return None
+
+
+def dataset_storage(ds: h5py.Dataset, dtype: str, image: H5Image, name: str) -> Storage:
+    nbytes = math.prod(ds.shape) * itemsize(dtype)
+    offset = ds.id.get_offset()  # None unless contiguous and allocated
+    if offset is None or ds.chunks is not None or image.data is not None or ds.dtype.byteorder == ">":
+        return Storage(nbytes, path=image.path, load=lambda: read_dataset(image, name))
+    if offset + nbytes > image.nbytes:
+        raise FormatError(f"truncated: dataset {name!r} ends at byte {offset + nbytes} of {image.nbytes}", image.path)
+    return Storage(nbytes, path=image.path, offset=image.offset + offset)
+
+
+def read_dataset(image: H5Image, name: str) -> bytes:
+    """The little-endian bytes of dataset NAME, decoded by h5py (chunks, filters, fill values)."""
+    import numpy as np
+
+    with image.reading() as f:
+        values = np.asarray(f[name][()])
+    return values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def listed_weights(groups: dict[str, h5py.Group]) -> Iterator[str]:
+    """Dataset paths in the order Keras lists them: each group's `layer_names` (the layer groups'
+    `weight_names` in turn), then its own `weight_names` (optimizer_weights, top_level_model_weights)."""
+    for path, group in groups.items():
+        for layer in attr_list(group, "layer_names"):
+            layer_path = join(path, layer)
+            if layer_path in groups:
+                yield from (join(layer_path, w) for w in attr_list(groups[layer_path], "weight_names"))
+        yield from (join(path, w) for w in attr_list(group, "weight_names"))
+
+
+def attr_list(group: h5py.Group, name: str) -> list[str]:
+    """A list of strings Keras saved as attribute NAME, or split over NAME0, NAME1, ... when large."""
+    import numpy as np
+
+    keys = [name] if name in group.attrs else takewhile(group.attrs.__contains__, (f"{name}{i}" for i in count()))
+    values = []
+    for key in keys:
+        value = group.attrs[key]
+        if isinstance(value, np.ndarray):
+            values += [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in value.ravel()]
+    return values
+
+
+def join(*parts: str) -> str:
+    return "/".join(p for p in parts if p)
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def save(ckpt: Checkpoint, path: str) -> None:
+    from paramctl.formats.keras import KerasArchive
+
+    image = ckpt.extra.weights if isinstance(ckpt.extra, KerasArchive) else ckpt.extra
+    write(ckpt, path, image if isinstance(image, H5Image) else None)
+
+
+def write(ckpt: Checkpoint, path: str, image: H5Image | None) -> None:
+    """Write CKPT's tensors as an HDF5 file at PATH.
+
+    With IMAGE (the HDF5 file the table was read from), the file is rebuilt from it: its groups,
+    attributes, links and non-tensor datasets as they were, each tensor dataset from its row,
+    the datasets of removed rows dropped. Rows the source lacks, or every row without IMAGE, are
+    created at their names, in table order (groups track creation order so that it is kept).
+    """
+    import h5py
+
+    rows = {t.name: t for t in ckpt.tensors}
+    written: set[str] = set()
+    with ExitStack() as stack:
+        src = stack.enter_context(image.open()) if image is not None else None
+        dst = stack.enter_context(h5py.File(path, "w", track_order=tracks_order(src["/"]) if src else True))
+        if src is not None:
+            written = copy_structure(src, dst, rows)
+        for t in ckpt.tensors:
+            if t.name not in written:
+                write_tensor(dst, t, None)
+
+
+def copy_structure(src: h5py.File, dst: h5py.File, rows: dict[str, Tensor]) -> set[str]:
+    """Rebuild SRC in DST with the tensors of ROWS; return the names of the rows written."""
+    import h5py
+
+    written = set()
+    copy_attrs(src["/"], dst["/"])
+    for name, item in walk(src["/"]):
+        if isinstance(item, h5py.Group):
+            copy_attrs(item, dst.create_group(name, track_order=tracks_order(item)))
+        elif name in rows:
+            write_tensor(dst, rows[name], item if isinstance(item, h5py.Dataset) else None)
+            written.add(name)
+        elif isinstance(item, HardLinkTo):
+            if item.path in dst:  # else the object was a tensor whose row is gone
+                dst[name] = dst[item.path]
+        elif isinstance(item, h5py.Dataset):
+            if tensor_dtype(item) is None:
+                src.copy(item, dst, name=name)
+        else:
+            dst[name] = item  # a soft or external link, kept as it was
+    return written
+
+
+def copy_attrs(src: h5py.HLObject, dst: h5py.HLObject, skip: tuple[str, ...] = ()) -> None:
+    for name in src.attrs:
+        if name not in skip:
+            dst.attrs.create(name, src.attrs[name], dtype=src.attrs.get_id(name).dtype)
+
+
+def write_tensor(dst: h5py.File, t: Tensor, source: h5py.Dataset | None) -> None:
+    """Write row T at its name; SOURCE is the dataset it was read from, whose attributes and
+    chunking and compression are kept."""
+    import h5py
+
+    parent = dst["/"]
+    *groups, leaf = t.name.split("/")
+    if not leaf or "" in groups or "." in (*groups, leaf):
+        raise UsageError(f"cannot write {t.name!r} to HDF5: a name is a path of non-empty parts split on '/'")
+    for part in groups:
+        if part not in parent:
+            parent.create_group(part, track_order=tracks_order(parent))
+        parent = parent[part]
+        if not isinstance(parent, h5py.Group):
+            raise UsageError(f"cannot write {t.name!r} to HDF5: {parent.name[1:]!r} is a dataset, not a group")
+    if leaf in parent:
+        raise UsageError(f"cannot write {t.name!r} to HDF5: the name is taken by a group or link")
+    layout = {}
+    if source is not None and source.chunks is not None and source.shape == t.shape:
+        layout = dict(
+            chunks=source.chunks,
+            maxshape=source.maxshape,
+            compression=source.compression,
+            compression_opts=source.compression_opts,
+            shuffle=source.shuffle,
+            fletcher32=source.fletcher32,
+        )
+    ds = parent.create_dataset(leaf, data=t.array(), **layout)
+    if source is not None:
+        # a source `dtype` tag described the source's opaque type, not necessarily this one
+        copy_attrs(source, ds, skip=("dtype",) if source.dtype.kind == "V" else ())
+    if t.dtype in TAGGED:
+        ds.attrs["dtype"] = t.dtype
