@@ -11,7 +11,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import click
@@ -76,9 +76,16 @@ def _plain(value: Any) -> str:
 def _human(column: str, value: Any) -> str:
     if column == "nbytes" and isinstance(value, int):
         return human_bytes(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if value is None:
+        return "-"
     if isinstance(value, int) and not isinstance(value, bool) and column != "name":
         return f"{value:,}"
     return _plain(value)
+
+
+Highlight = Callable[[dict[str, Any], str], "str | None"]
 
 
 def emit(
@@ -87,8 +94,13 @@ def emit(
     fmt: str | None,
     footer: dict[str, Any] | None = None,
     title: str | None = None,
+    highlight: Highlight | None = None,
 ) -> None:
-    """Write ROWS to standard output in FMT (default: table on a terminal, else TSV)."""
+    """Write ROWS to standard output in FMT (default: table on a terminal, else TSV).
+
+    FOOTER (totals) and HIGHLIGHT (row, column -> rich style, for problem values) only
+    decorate the table.
+    """
     fmt = resolve(fmt)
     out = sys.stdout
     if fmt == "json":
@@ -112,11 +124,15 @@ def emit(
         for row in rows:
             writer.writerow([_plain(row.get(c)) for c in columns])
     else:
-        _table(list(rows), columns, footer, title)
+        _table(list(rows), columns, footer, title, highlight)
 
 
 def _table(
-    rows: list[dict[str, Any]], columns: Sequence[str], footer: dict[str, Any] | None, title: str | None
+    rows: list[dict[str, Any]],
+    columns: Sequence[str],
+    footer: dict[str, Any] | None,
+    title: str | None,
+    highlight: Highlight | None,
 ) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -126,11 +142,12 @@ def _table(
         title=Text(escape(title)) if title else None, show_footer=footer is not None, box=None, pad_edge=False
     )
     for c in columns:
-        numeric = bool(rows) and isinstance(rows[0].get(c), (int, float)) and not isinstance(rows[0].get(c), bool)
+        sample = next((r[c] for r in rows if r.get(c) is not None), None)
+        numeric = isinstance(sample, (int, float)) and not isinstance(sample, bool)
         foot = Text(_human(c, footer[c]) if footer and c in footer else "", style="bold")
         table.add_column(Text(c, style="bold"), footer=foot, justify="right" if numeric else "left")
     for row in rows:
-        table.add_row(*(Text(_human(c, row.get(c))) for c in columns))
+        table.add_row(*(Text(_human(c, row.get(c)), style=(highlight and highlight(row, c)) or "") for c in columns))
     Console(file=sys.stdout, soft_wrap=False).print(table)
 
 
@@ -153,6 +170,12 @@ def _record_value(value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return _plain(value)
+
+
+def stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 def note(message: str) -> None:

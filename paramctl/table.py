@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     import numpy as np
 
 
+CHUNK_ELEMENTS = 1 << 22  # 4 Mi elements: 32 MiB once widened to float64
+
+
 @dataclass(eq=False)
 class Storage:
     """Raw bytes: `nbytes` at `offset` in the file `path`, or held in `buffer`, or made by `load`."""
@@ -123,7 +126,35 @@ class Tensor:
         if self.is_contiguous:
             return flat.reshape(self.shape)
         view = np.lib.stride_tricks.as_strided(flat, self.shape, [s * size for s in self.strides], writeable=False)
-        return np.ascontiguousarray(view)
+        return np.array(view, order="C")
+
+    def chunks(self, elements: int = CHUNK_ELEMENTS) -> Iterator[np.ndarray]:
+        """The values in C order as flat arrays of at most ELEMENTS, for streaming reductions.
+
+        A contiguous tensor in a file is read chunk by chunk into one reused buffer, so memory
+        stays bounded whatever its size; each array is valid only until the next is yielded.
+        """
+        import numpy as np
+
+        if self.numel == 0:
+            return
+        dt = numpy_dtype(self.dtype)
+        storage = self.storage
+        if not self.is_contiguous or storage.path is None or storage.buffer is not None or storage.load:
+            flat = self.array().reshape(-1)
+            for start in range(0, flat.size, elements):
+                yield flat[start : start + elements]
+            return
+        self.check_bounds()
+        buffer = bytearray(min(elements, self.numel) * dt.itemsize)
+        with open(storage.path, "rb") as f:
+            f.seek(storage.offset + self.offset * dt.itemsize)
+            for start in range(0, self.numel, elements):
+                count = min(elements, self.numel - start) * dt.itemsize
+                view = memoryview(buffer)[:count]
+                if f.readinto(view) != count:
+                    raise FormatError(f"truncated: tensor {self.name!r} ends early", storage.path)
+                yield np.frombuffer(view, dt)
 
     def view_key(self) -> tuple:
         """Equal for two names that are the same stored tensor."""
@@ -137,7 +168,7 @@ def tensor_from_array(name: str, array: np.ndarray, **attrs: Any) -> Tensor:
 
     from paramctl.dtypes import from_numpy
 
-    data = np.ascontiguousarray(array)
+    data = np.asarray(array, order="C")  # not ascontiguousarray: it turns 0-d into 1-d
     dtype = from_numpy(data.dtype)
     raw = data.tobytes()
     return Tensor(name, tuple(data.shape), dtype, Storage(len(raw), buffer=raw), attrs=attrs)

@@ -1,0 +1,133 @@
+"""Streamed tensor statistics: one pass per chunk, accumulated in float64, memory bounded.
+
+mean, std (population), min, max, absmax and norm are over the finite values, so one NaN does
+not hide what the rest of the tensor looks like; NaNs and infinities are counted apart. Chunk
+results are merged with Chan's parallel formula, so the answer does not depend on chunk size.
+Complex tensors are summarised by their magnitudes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from paramctl.table import CHUNK_ELEMENTS, Tensor
+
+HIST_BINS = 16
+
+
+@dataclass
+class Summary:
+    """Running statistics of one tensor's values."""
+
+    count: int = 0  # finite values
+    mean: float = 0.0
+    m2: float = 0.0  # sum of squared deviations from the mean
+    sumsq: float = 0.0
+    min: float = math.inf
+    max: float = -math.inf
+    zeros: int = 0
+    nans: int = 0
+    infs: int = 0
+    hist: list[int] = field(default_factory=list)
+
+    def add(self, chunk: np.ndarray) -> None:
+        values = widen(chunk)
+        finite = np.isfinite(values)
+        if not finite.all():
+            nan = np.isnan(values)
+            self.nans += int(nan.sum())
+            self.infs += int(values.size - finite.sum() - nan.sum())
+            values = values[finite]
+        if values.size == 0:
+            return
+        n = values.size
+        mean = float(values.mean())
+        deviations = values - mean
+        other = Summary(n, mean, float(np.dot(deviations, deviations)), float(np.dot(values, values)))
+        other.min, other.max = float(values.min()), float(values.max())
+        other.zeros = n - int(np.count_nonzero(values))
+        self.merge(other)
+
+    def merge(self, other: Summary) -> None:
+        total = self.count + other.count
+        if other.count:
+            delta = other.mean - self.mean
+            self.mean += delta * other.count / total
+            self.m2 += other.m2 + delta * delta * self.count * other.count / total
+        self.count = total
+        self.sumsq += other.sumsq
+        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+        self.zeros += other.zeros
+        self.nans += other.nans
+        self.infs += other.infs
+
+    def add_to_histogram(self, chunk: np.ndarray) -> None:
+        values = widen(chunk)
+        values = values[np.isfinite(values)]
+        counts, _ = np.histogram(values, bins=HIST_BINS, range=self.hist_range())
+        self.hist = (np.asarray(self.hist or [0] * HIST_BINS) + counts).tolist()
+
+    def hist_range(self) -> tuple[float, float]:
+        if self.count == 0:
+            return (0.0, 1.0)
+        if self.min == self.max:
+            return (self.min - 0.5, self.max + 0.5)
+        return (self.min, self.max)
+
+    def row(self) -> dict[str, Any]:
+        has = self.count > 0
+        return {
+            "mean": self.mean if has else None,
+            "std": math.sqrt(self.m2 / self.count) if has else None,
+            "min": self.min if has else None,
+            "max": self.max if has else None,
+            "absmax": max(abs(self.min), abs(self.max)) if has else None,
+            "norm": math.sqrt(self.sumsq),
+            "zeros": self.zeros,
+            "nans": self.nans,
+            "infs": self.infs,
+        }
+
+
+def widen(chunk: np.ndarray) -> np.ndarray:
+    """CHUNK as float64 (magnitudes for complex)."""
+    if chunk.dtype.kind == "c":
+        return np.abs(chunk).astype(np.float64)
+    return chunk.astype(np.float64, copy=False)
+
+
+def summarize(tensor: Tensor, hist: bool = False, chunk: int = CHUNK_ELEMENTS) -> Summary:
+    """Statistics of TENSOR read chunk by chunk; with HIST, a second pass bins the finite values."""
+    summary = Summary()
+    for part in tensor.chunks(chunk):
+        summary.add(part)
+    if hist and summary.count:
+        for part in tensor.chunks(chunk):
+            summary.add_to_histogram(part)
+    return summary
+
+
+def stats_rows(tensors: Iterable[Tensor], hist: bool = False) -> Iterator[dict[str, Any]]:
+    for t in tensors:
+        summary = summarize(t, hist)
+        row = {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "numel": t.numel, **summary.row()}
+        if hist:
+            low, high = summary.hist_range()
+            row["hist"] = {"edges": np.linspace(low, high, HIST_BINS + 1).tolist(), "counts": summary.hist}
+        yield row
+
+
+SPARKS = " ▁▂▃▄▅▆▇█"
+
+
+def sparkline(counts: list[int]) -> str:
+    """One character per bin; an empty bin is a blank, any non-empty bin shows at least ▁."""
+    top = max(counts, default=0)
+    if not top:
+        return ""
+    return "".join(SPARKS[0] if c == 0 else SPARKS[max(1, round(c / top * (len(SPARKS) - 1)))] for c in counts)
