@@ -109,6 +109,8 @@ class Tensor:
 
     def tobytes(self) -> bytes | memoryview:
         """The tensor's bytes in C order, bit for bit as stored."""
+        if self.numel == 0:  # an empty view may sit past the end of its storage, as torch allows
+            return b""
         if self.is_contiguous:
             size = itemsize(self.dtype)
             return self.storage.read(self.offset * size, self.numel * size)
@@ -122,11 +124,13 @@ class Tensor:
         if self.numel == 0:
             return np.empty(self.shape, dt)
         size = dt.itemsize
-        flat = np.frombuffer(self.storage.read(self.offset * size, self.extent() * size), dt)
+        raw = self.storage.read(self.offset * size, self.extent() * size)
         if self.is_contiguous:
-            return flat.reshape(self.shape)
+            return np.frombuffer(raw, dt).reshape(self.shape)
+        # stride on raw bytes: numpy's array interface does not know every ml_dtypes type (float8_e5m2)
+        flat = np.frombuffer(raw, np.dtype(f"V{size}"))
         view = np.lib.stride_tricks.as_strided(flat, self.shape, [s * size for s in self.strides], writeable=False)
-        return np.array(view, order="C")
+        return np.array(view, order="C").view(dt)
 
     def chunks(self, elements: int = CHUNK_ELEMENTS) -> Iterator[np.ndarray]:
         """The values in C order as flat arrays of at most ELEMENTS, for streaming reductions.

@@ -25,7 +25,7 @@ from click.testing import CliRunner, Result
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
-from safetensors.torch import load_file, load_model, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 import paramctl
@@ -307,7 +307,6 @@ class Entry:
 
 @dataclass
 class Corpus:
-    root: Path
     entries: dict[str, Entry]
     mixed: dict[str, torch.Tensor]
 
@@ -339,11 +338,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     add_torch("complex128.pt", {"a": torch.randn(2), "z": torch.randn(3, dtype=torch.complex128)})
 
     contiguous = {k: v.detach().contiguous().clone() for k, v in sd.items()}
-    path = root / "mixed.safetensors"
-    save_file(contiguous, path, metadata={"format": "pt"})
-    entries["mixed.safetensors"] = Entry(path, lambda: read_safetensors(root / "mixed.safetensors"), ordered=False)
-
-    from safetensors.torch import save_model
+    mixed_st = root / "mixed.safetensors"
+    save_file(contiguous, mixed_st, metadata={"format": "pt"})
+    entries["mixed.safetensors"] = Entry(mixed_st, lambda: read_safetensors(mixed_st), ordered=False)
 
     tied_st = root / "tied_model.safetensors"
     save_model(tied_net(), str(tied_st))
@@ -361,7 +358,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     bin_index = write_shards(root / "sharded-bin", sd, 2, "pt")
     entries["sharded-bin"] = Entry(bin_index, lambda: read_sharded(bin_index), ordered=False)
     entries["sharded-bin-dir"] = Entry(bin_index.parent, lambda: read_sharded(bin_index), ordered=False)
-    return Corpus(root, entries, sd)
+    return Corpus(entries, sd)
 
 
 VIEWS = ["view.t", "view.rows", "view.col", "view.expand"]
@@ -443,6 +440,35 @@ def test_views_read_as_torch_reads_them(corpus: Corpus) -> None:
             assert row.offset == sd[name].storage_offset(), (key, name)
             assert row.strides == sd[name].stride(), (key, name)
             assert_row_values(row, sd[name])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_views_of_every_dtype(tmp_path: Path, dtype: str) -> None:
+    base = sample(dtype, (4, 6), torch.Generator().manual_seed(7))
+    sd = {"t": base.t(), "step": base[::2, 1::2], "col": base[:, 3]}
+    src = tmp_path / "views.pt"
+    torch.save(sd, src)
+    ckpt = paramctl.load(str(src))
+    for name, t in sd.items():
+        assert_row_values(ckpt[name], t)
+    out = tmp_path / "views.safetensors"
+    result = run("convert", src, out)
+    assert result.exit_code == 0, result.stderr
+    assert_same_tensors(load_file(out), sd)
+
+
+def test_empty_views_past_the_end_of_their_storage(tmp_path: Path) -> None:
+    # torch keeps a view's offset even when it selects nothing: (1, 0)[1:] has offset 1 in 0 bytes
+    sd = {"tail": torch.empty(1, 0)[1:], "end": torch.zeros(3)[3:], "full": torch.ones(2)}
+    assert sd["tail"].storage_offset() == 1
+    src = tmp_path / "empty.pt"
+    torch.save(sd, src)
+    assert [row["shape"] for row in ls_json(src)] == [[0, 0], [0], [2]]
+    for suffix in [".safetensors", ".pt"]:
+        out = tmp_path / f"out{suffix}"
+        result = run("convert", src, out)
+        assert result.exit_code == 0, result.stderr
+        assert_same_tensors(read_any(out), sd)
 
 
 @pytest.mark.parametrize("key", ["mixed.pt", "mixed.safetensors"])

@@ -328,7 +328,7 @@ def write_tensor(dst: h5py.File, t: Tensor, source: h5py.Dataset | None) -> None
             raise UsageError(f"cannot write {t.name!r} to HDF5: {parent.name[1:]!r} is a dataset, not a group")
     if leaf in parent:
         raise UsageError(f"cannot write {t.name!r} to HDF5: the name is taken by a group or link")
-    layout = {}
+    layout = {}  # scale-offset is left out: it is lossy, and these are new values
     if source is not None and source.chunks is not None and source.shape == t.shape:
         layout = dict(
             chunks=source.chunks,

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
+from typing import IO
 
 from paramctl.errors import FormatError, UsageError
 from paramctl.formats import hdf5
@@ -59,8 +60,8 @@ def save(ckpt: Checkpoint, path: str) -> None:
     archive = ckpt.extra
     if not isinstance(archive, KerasArchive):
         raise UsageError(
-            f"a .keras archive needs the model's config.json, which a {ckpt.format} checkpoint lacks; "
-            "write .weights.h5 (Keras 3 `model.load_weights`) or .h5 instead"
+            f"a .keras archive needs the model's config.json, and this {ckpt.format} checkpoint has none; "
+            "write .weights.h5 (for Keras 3 `model.load_weights`) or .h5 instead"
         )
     fd, weights = tempfile.mkstemp(suffix=".weights.h5", dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
@@ -70,6 +71,7 @@ def save(ckpt: Checkpoint, path: str) -> None:
             for info in archive.members:
                 copy = zipfile.ZipInfo(info.filename, info.date_time)
                 copy.external_attr = info.external_attr
+                data: IO[bytes]
                 if info.filename == WEIGHTS:
                     copy.file_size = os.path.getsize(weights)
                     data = open(weights, "rb")  # noqa: SIM115 - closed below
