@@ -106,7 +106,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--size-mb", type=int, default=1024)
+    parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build_only:
+        build_fixtures(args.size_mb)
+        return
+    # built in a child: a child forked from a process holding torch tensors would inherit their RSS
+    subprocess.run([PYTHON, __file__, "--build-only", "--size-mb", str(args.size_mb)], check=True)
     paths = build_fixtures(args.size_mb)
     paramctl = [PYTHON, "-m", "paramctl"]
     workloads = [

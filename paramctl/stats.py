@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -36,22 +38,14 @@ class Summary:
     hist: list[int] = field(default_factory=list)
 
     def add(self, chunk: np.ndarray) -> None:
-        values = widen(chunk)
-        finite = np.isfinite(values)
-        if not finite.all():
-            nan = np.isnan(values)
-            self.nans += int(nan.sum())
-            self.infs += int(values.size - finite.sum() - nan.sum())
-            values = values[finite]
-        if values.size == 0:
+        """Fold CHUNK in: its halves on two threads (numpy releases the GIL), each a cache-sized
+        block at a time, so every reduction reads a block from cache, not RAM."""
+        if chunk.size <= 4 * BLOCK:
+            self.merge(blocks_summary(chunk))
             return
-        n = values.size
-        mean = float(values.mean())
-        deviations = values - mean
-        other = Summary(n, mean, float(np.dot(deviations, deviations)), float(np.dot(values, values)))
-        other.min, other.max = float(values.min()), float(values.max())
-        other.zeros = n - int(np.count_nonzero(values))
-        self.merge(other)
+        half = chunk.size // 2 // BLOCK * BLOCK
+        for part in _pool().map(blocks_summary, (chunk[:half], chunk[half:])):
+            self.merge(part)
 
     def merge(self, other: Summary) -> None:
         total = self.count + other.count
@@ -92,6 +86,44 @@ class Summary:
             "nans": self.nans,
             "infs": self.infs,
         }
+
+
+BLOCK = 1 << 16  # elements: 512 KiB as float64, resident in L2 while it is reduced
+
+
+def blocks_summary(values: np.ndarray) -> Summary:
+    summary = Summary()
+    for start in range(0, values.size, BLOCK):
+        summary.merge(block_summary(values[start : start + BLOCK]))
+    return summary
+
+
+def block_summary(block: np.ndarray) -> Summary:
+    values = widen(block)
+    # comparisons are exact in the stored dtype and cheaper there for float32/float64
+    native = block if block.dtype.kind == "f" and block.dtype.itemsize >= 4 else values
+    summary = Summary()
+    if block.dtype.kind not in "iub" and not np.isfinite(native).all():
+        finite = np.isfinite(values)
+        nan = int(np.isnan(values).sum())
+        summary.nans = nan
+        summary.infs = int(values.size - finite.sum()) - nan
+        native = values = values[finite]
+    n = values.size
+    if n:
+        mean = float(values.sum()) / n
+        deviations = values - mean
+        summary.count, summary.mean = n, mean
+        summary.m2 = float(np.dot(deviations, deviations))
+        summary.sumsq = float(np.dot(values, values))
+        summary.min, summary.max = float(native.min()), float(native.max())
+        summary.zeros = int(np.count_nonzero(native == 0))
+    return summary
+
+
+@cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="paramctl-stats")
 
 
 def widen(chunk: np.ndarray) -> np.ndarray:

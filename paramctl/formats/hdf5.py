@@ -146,17 +146,23 @@ def read_tensors(image: H5Image) -> list[Tensor]:
     return [rows[next(slots) if name in listed else name] for name in rows]
 
 
-def walk(group: h5py.Group, prefix: str = "", first: dict | None = None) -> Iterator[tuple[str, Any]]:
-    """Every link below GROUP as (path, item), a group before its members, in stored order.
+def walk(root: h5py.Group) -> Iterator[tuple[str, Any]]:
+    """Every link below ROOT as (path, item), depth first, a group before its members, in stored order.
 
-    item is a Group or Dataset; a SoftLink or ExternalLink, never followed (that could read
-    another file; Keras refuses them too); or a HardLinkTo for an object already reached, so
-    that a cycle of hard links ends.
+    item is a Group, Dataset or committed Datatype; a SoftLink or ExternalLink, never followed
+    (that could read another file; Keras refuses them too); or a HardLinkTo for an object already
+    reached, so that a cycle of hard links ends. Iterative: a hostile file may nest deeply.
     """
     import h5py
 
-    first = {} if first is None else first
-    for name in children(group):
+    first: dict = {}  # object id -> the path it was first reached by
+    stack = [("", iter(children(root)), root)]
+    while stack:
+        prefix, names, group = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            continue
         path = prefix + name
         link = group.get(name, getlink=True)
         if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
@@ -169,7 +175,7 @@ def walk(group: h5py.Group, prefix: str = "", first: dict | None = None) -> Iter
         first[item.id] = path
         yield path, item
         if isinstance(item, h5py.Group):
-            yield from walk(item, path + "/", first)
+            stack.append((path + "/", iter(children(item)), item))
 
 
 def children(group: h5py.Group) -> list[str]:
@@ -292,16 +298,18 @@ def copy_structure(src: h5py.File, dst: h5py.File, rows: dict[str, Tensor]) -> s
         if isinstance(item, h5py.Group):
             copy_attrs(item, dst.create_group(name, track_order=tracks_order(item)))
         elif name in rows:
-            write_tensor(dst, rows[name], item if isinstance(item, h5py.Dataset) else None)
+            dataset = src[item.path] if isinstance(item, HardLinkTo) else item
+            write_tensor(dst, rows[name], dataset if isinstance(dataset, h5py.Dataset) else None)
             written.add(name)
         elif isinstance(item, HardLinkTo):
-            if item.path in dst:  # else the object was a tensor whose row is gone
+            if item.path in dst and item.path not in written:  # else a tensor, whose name here is gone
                 dst[name] = dst[item.path]
-        elif isinstance(item, h5py.Dataset):
-            if tensor_dtype(item) is None:
-                src.copy(item, dst, name=name)
+        elif isinstance(item, (h5py.SoftLink, h5py.ExternalLink)):
+            dst[name] = item
+        elif isinstance(item, h5py.Dataset) and tensor_dtype(item) is not None:
+            continue  # a tensor whose row is gone
         else:
-            dst[name] = item  # a soft or external link, kept as it was
+            src.copy(item, dst, name=name)  # a non-tensor dataset or a committed datatype
     return written
 
 
