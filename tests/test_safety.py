@@ -189,7 +189,7 @@ def test_control_characters_in_names_are_escaped(tmp_path):
     assert json.loads(run("ls", str(path), "-f", "json").stdout)[0]["name"] == hostile
 
 
-@pytest.mark.parametrize("command", ["ls", "tree", "info"])
+@pytest.mark.parametrize("command", ["ls", "tree", "info", "stats", "check"])
 @pytest.mark.parametrize("sample", ["mlp.safetensors", "mlp.weights.h5", "mlp.h5", "mlp.keras", "mlp.pt", "nested.pt"])
 def test_reading_never_imports_torch(command, sample):
     code = (
