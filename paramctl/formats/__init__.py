@@ -61,7 +61,7 @@ def sniff(path: str) -> str:
 
 
 def _sniff_zip(path: str) -> str:
-    from paramctl.formats.pytorch import zip_members
+    from paramctl.formats.zipfiles import zip_members
 
     _, members = zip_members(path)
     if "model.weights.h5" in members:
@@ -150,26 +150,35 @@ def output_format(path: str, ckpt: Checkpoint, to: str | None = None) -> str:
 
 
 def non_tensor_entries(ckpt: Checkpoint) -> dict[str, Any]:
-    """Non-tensor content by dotted path (epoch, hyper-parameters, optimizer settings), JSON-safe."""
-    if ckpt.format not in ("pt", "pt-legacy"):
-        return {}
-    from paramctl.formats import pytorch
+    """What the file holds besides tensors, JSON-safe: a `.pt`'s other entries (epoch,
+    hyper-parameters, optimizer settings) by dotted path; an HDF5 file's root attributes."""
+    if ckpt.format in ("pt", "pt-legacy"):
+        from paramctl.formats import pytorch
 
-    return pytorch.non_tensor_entries(ckpt)
+        return pytorch.non_tensor_entries(ckpt)
+    if ckpt.format in ("hdf5", "keras"):
+        from paramctl.formats import hdf5
+
+        return hdf5.root_attributes(ckpt)
+    return {}
 
 
 def losses(ckpt: Checkpoint, fmt: str) -> list[str]:
     """What writing CKPT as FMT cannot keep, one line each (for warnings on stderr)."""
-    from paramctl.formats import pytorch
-
     lost = []
     if fmt != "pt" and ckpt.format in ("pt", "pt-legacy"):
-        entries = list(pytorch.non_tensor_entries(ckpt))
+        entries = list(non_tensor_entries(ckpt))
         if entries:
             shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
             lost.append(f"{fmt} holds tensors only: dropping {len(entries)} non-tensor entries ({shown})")
+    if fmt in ("pt", "safetensors") and ckpt.format in ("hdf5", "keras"):
+        lost.append(f"{fmt} keeps the tensors only, not the HDF5 attributes (keras_version, layer and weight names)")
+    if fmt == "hdf5" and ckpt.format == "keras":
+        lost.append("writing the archive's model.weights.h5 only, without its config.json and metadata.json")
     if fmt != "pt" and any(t.stride is not None and not t.is_contiguous for t in ckpt.tensors):
         lost.append(f"{fmt} stores views as contiguous copies")
+    if fmt == "hdf5" and ckpt.tie_groups():
+        lost.append("hdf5 stores each name of a tied tensor as a separate copy")
     return lost
 
 

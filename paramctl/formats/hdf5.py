@@ -13,6 +13,7 @@ attributes: loading is positional, so those rows come in the listed order.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import re
@@ -123,6 +124,30 @@ class HardLinkTo:
 def load(path: str, source: str) -> Checkpoint:
     image = H5Image(path)
     return Checkpoint(source, "hdf5", read_tensors(image), extra=image)
+
+
+def root_attributes(ckpt: Checkpoint) -> dict[str, Any]:
+    """The file's root attributes (keras_version, backend, model_config, ...), JSON-safe."""
+    image = ckpt.extra.weights if ckpt.format == "keras" else ckpt.extra
+    with image.reading() as f:
+        found = {str(k): plain(v) for k, v in f.attrs.items()}
+    if ckpt.format == "keras" and ckpt.extra.metadata:
+        try:
+            found.update(json.loads(ckpt.extra.metadata))  # keras_version, date_saved
+        except ValueError:
+            found["metadata.json"] = ckpt.extra.metadata.decode("utf-8", "replace")
+    return found
+
+
+def plain(value: Any) -> Any:
+    """An HDF5 attribute value as JSON: text decoded, arrays as lists."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if hasattr(value, "tolist"):
+        return plain(value.tolist())
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
 
 
 def read_tensors(image: H5Image) -> list[Tensor]:

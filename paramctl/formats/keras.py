@@ -17,7 +17,7 @@ from typing import IO
 
 from paramctl.errors import FormatError, UsageError
 from paramctl.formats import hdf5
-from paramctl.formats.pytorch import member_storage, zip_members
+from paramctl.formats.zipfiles import member_storage, zip_members
 from paramctl.table import Checkpoint
 
 WEIGHTS = "model.weights.h5"

@@ -1,0 +1,37 @@
+"""Zip archives (torch.save's format and .keras): members read in place when stored uncompressed."""
+
+from __future__ import annotations
+
+import struct
+import zipfile
+from typing import BinaryIO
+
+from paramctl.errors import FormatError
+from paramctl.table import Storage
+
+
+def member_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int:
+    """File offset of a stored member's bytes (after its local header)."""
+    f.seek(info.header_offset)
+    local = f.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header for {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def zip_members(path: str) -> tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]:
+    try:
+        zf = zipfile.ZipFile(path)
+        return zf, {i.filename: i for i in zf.infolist()}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise FormatError(f"invalid zip archive: {e}", path) from None
+
+
+def member_storage(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> Storage:
+    """A storage over a zip member: a file region when stored, else decompressed on first read."""
+    if info.compress_type == zipfile.ZIP_STORED:
+        with open(path, "rb") as f:
+            offset = member_offset(f, info)
+        return Storage(info.file_size, path=path, offset=offset)
+    return Storage(info.file_size, path=path, load=lambda: zf.read(info))
