@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SAMPLES, run
+from conftest import FIXTURES, SAMPLES, run
 
 from paramctl.cli import cli, tree_rows
 
@@ -228,3 +228,45 @@ def test_cli_help_is_fast_to_import():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.splitlines()[-1] == "[]"
+
+
+def reference_listing(path) -> list[tuple[str, list[int], str]]:
+    """(name, shape, dtype) as the real library reads PATH: torch, safetensors or h5py."""
+    import h5py
+    import torch
+    from safetensors import safe_open
+
+    if path.suffix == ".pt":
+        return [(k, list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in torch.load(path).items()]
+    if path.suffix == ".safetensors":
+        with safe_open(path, "pt") as f:
+            return [(k, list(f.get_slice(k).get_shape()), str(f.get_slice(k).get_dtype())) for k in f.keys()]
+    if path.suffix == ".keras":
+        import io
+        import zipfile
+
+        with zipfile.ZipFile(path) as zf:
+            path = io.BytesIO(zf.read("model.weights.h5"))
+    found = []
+    with h5py.File(path, "r") as f:
+        f.visititems(
+            lambda name, obj: (
+                found.append((name, list(obj.shape), str(obj.dtype))) if isinstance(obj, h5py.Dataset) else None
+            )
+        )
+    return found
+
+
+SAFETENSORS_DTYPES = {"F32": "float32", "I64": "int64"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in SAMPLES.iterdir() if p.suffix != ".py") + sorted(FIXTURES.glob("*.h5")),
+    ids=lambda p: p.name,
+)
+def test_ls_json_equals_the_real_reader(path):
+    rows = json.loads(run("ls", str(path), "-f", "json").stdout)
+    ours = sorted((r["name"], r["shape"], r["dtype"]) for r in rows)
+    theirs = sorted((n, s, SAFETENSORS_DTYPES.get(d, d)) for n, s, d in reference_listing(path))
+    assert ours == theirs
