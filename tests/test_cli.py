@@ -240,7 +240,7 @@ def reference_listing(path) -> list[tuple[str, list[int], str]]:
         return [(k, list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in torch.load(path).items()]
     if path.suffix == ".safetensors":
         with safe_open(path, "pt") as f:
-            return [(k, list(f.get_slice(k).get_shape()), str(f.get_slice(k).get_dtype())) for k in f.keys()]
+            return [(k, list(f.get_slice(k).get_shape()), str(f.get_slice(k).get_dtype())) for k in f.keys()]  # noqa: SIM118
     if path.suffix == ".keras":
         import io
         import zipfile
