@@ -231,6 +231,31 @@ class Checkpoint:
                 groups.setdefault(t.tie, []).append(t.name)
         return list(groups.values())
 
+    def assign(self, tensor: Tensor, values: np.ndarray) -> None:
+        """Write VALUES (broadcast to TENSOR's shape, cast to its dtype) into TENSOR.
+
+        The storage is copied into memory once and the view updated in place, so every name
+        viewing that storage sees the change: a tie stays one tensor, and the other slices of a
+        fused matrix keep their values.
+        """
+        import numpy as np
+
+        storage = tensor.storage
+        buffer = storage.buffer
+        if not isinstance(buffer, bytearray):
+            buffer = bytearray(storage.read())
+            writable = Storage(storage.nbytes, buffer=buffer)
+            for t in self.tensors:
+                if t.storage is storage:
+                    t.storage = writable
+        if tensor.numel == 0:
+            return
+        dt = numpy_dtype(tensor.dtype)
+        size = dt.itemsize
+        flat = np.frombuffer(buffer, np.dtype(f"V{size}"), count=tensor.extent(), offset=tensor.offset * size)
+        view = np.lib.stride_tricks.as_strided(flat, tensor.shape, [s * size for s in tensor.strides])
+        view[...] = np.broadcast_to(np.asarray(values).astype(dt), tensor.shape).view(f"V{size}")
+
     def floating(self) -> list[Tensor]:
         return [t for t in self.tensors if t.dtype in FLOATING]
 

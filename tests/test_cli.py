@@ -9,7 +9,8 @@ import sys
 import pytest
 from conftest import FIXTURES, SAMPLES, run
 
-from paramctl.cli import cli, tree_rows
+from paramctl.cli import cli
+from paramctl.commands.inspect import tree_rows
 
 MLP_ROWS = [
     ["0.weight", "[256, 20]", "float32", "5120", "20480"],
