@@ -94,6 +94,7 @@ def write_options(fn: Callable) -> Callable:
     return click.option(
         "--output",
         "-o",
+        "output_path",
         metavar="PATH",
         help="Where to write ('-': standard output, the default when it is not a terminal).",
     )(fn)
@@ -180,4 +181,4 @@ def main() -> None:
 
 
 # registering the commands: each module decorates its functions with @cli.command
-from paramctl.commands import convert, inspect, stats  # noqa: E402, F401
+from paramctl.commands import convert, inspect, stats, ties  # noqa: E402, F401

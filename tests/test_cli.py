@@ -60,7 +60,8 @@ def test_ls_reads_standard_input():
 def test_ls_output_formats_agree():
     path = str(SAMPLES / "mlp.pt")
     as_json = json.loads(run("ls", path, "--format", "json").stdout)
-    assert as_json[0] == {"name": "0.weight", "shape": [256, 20], "dtype": "float32", "numel": 5120, "nbytes": 20480}
+    first = {"name": "0.weight", "shape": [256, 20], "dtype": "float32", "numel": 5120, "nbytes": 20480, "tie": None}
+    assert as_json[0] == first
     as_jsonl = [json.loads(line) for line in run("ls", path, "-f", "jsonl").stdout.splitlines()]
     assert as_jsonl == as_json
     csv_lines = run("ls", path, "-f", "csv").stdout.splitlines()
@@ -72,8 +73,9 @@ def test_ls_output_formats_agree():
 def test_ls_table_on_a_terminal_has_header_and_totals():
     result = run("ls", str(SAMPLES / "shared.pt"), tty=True)
     lines = result.stdout.splitlines()
-    assert lines[1].split() == ["name", "shape", "dtype", "numel", "nbytes"]
-    assert "2.weight" in result.stdout and "4.weight" in result.stdout
+    assert lines[1].split() == ["name", "shape", "dtype", "numel", "nbytes", "tie"]
+    assert lines[6].split() == ["4.weight", "[8,", "8]", "float32", "64", "256", "B", "2.weight"]
+    assert "tie" not in run("ls", str(SAMPLES / "mlp.pt"), tty=True).stdout  # no ties, no column
     # the shared Linear counts once: 32+8+64+8+8+1 parameters, 484 bytes
     assert lines[-1].split() == ["8", "tensors", "121", "484", "B"]
 

@@ -76,10 +76,20 @@ def test_weights_h5_to_keras_archive_is_refused(tmp_path):
     assert not out.exists()
 
 
-def test_tied_pt_to_hdf5_warns_about_copies(tmp_path):
-    result = run("convert", str(SAMPLES / "shared.pt"), str(tmp_path / "shared.h5"))
-    assert result.exit_code == 0
-    assert "separate copy" in result.stderr
+def test_ties_survive_a_trip_through_hdf5(tmp_path):
+    """HDF5 holds a tie as copies plus paramctl's record; reading it back re-ties."""
+    import h5py
+    import torch
+
+    h5, back = tmp_path / "shared.h5", tmp_path / "back.pt"
+    assert run("convert", str(SAMPLES / "shared.pt"), str(h5)).exit_code == 0
+    with h5py.File(h5) as f:
+        assert f["2.weight"][()].tolist() == f["4.weight"][()].tolist()  # a real copy for Keras
+        assert json.loads(f.attrs["paramctl_ties"]) == {"4.weight": "2.weight", "4.bias": "2.bias"}
+    assert paramctl.load(str(h5)).tie_groups() == [["2.weight", "4.weight"], ["2.bias", "4.bias"]]
+    assert run("convert", str(h5), str(back)).exit_code == 0
+    sd = torch.load(back)
+    assert sd["2.weight"].data_ptr() == sd["4.weight"].data_ptr()
 
 
 def test_info_shows_keras_attributes():

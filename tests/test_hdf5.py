@@ -307,11 +307,12 @@ def test_handmade_hdf5_features(tmp_path):
     out = tmp_path / "out.h5"
     paramctl.save(ckpt, str(out))
     # all kept, compression included, but `big` is little-endian now, as the table holds it, and
-    # the tie is written as two datasets
-    changed = ("big", "packed")
+    # the tie is written as two datasets plus paramctl's record of it at the root
+    changed = ("", "big", "packed")
     assert [i for i in structure(out) if i[0] not in changed] == [i for i in structure(path) if i[0] not in changed]
     with h5py.File(out) as f:
         assert f["packed"] != f["alias"] and f["packed"].compression == "gzip"
+        assert dict(f.attrs) == {"note": "kept", "paramctl_ties": '{"packed": "alias"}'}
         assert f["packed"][()].tobytes() == f["alias"][()].tobytes()
         assert f["big"].dtype == np.dtype("<i4") and f["big"][()].tolist() == list(range(6))
         assert f["group/loop"] == f["group"]

@@ -22,7 +22,9 @@ LS_COLUMNS = ["name", "shape", "dtype", "numel", "nbytes"]
 def ls_command(ckpt: str, pattern: str | None, exclude: tuple[str, ...], fmt: str | None) -> None:
     """List tensors: name, shape, dtype, numel, nbytes.
 
-    PATTERN is a regular expression searched in each name, as grep does.
+    PATTERN is a regular expression searched in each name, as grep does. A tied name is
+    marked with the first name of its tie (column `tie` in a table and in JSON; tab-separated
+    rows keep their five columns).
 
     \b
     Example:
@@ -34,9 +36,12 @@ def ls_command(ckpt: str, pattern: str | None, exclude: tuple[str, ...], fmt: st
     numel, nbytes = unique_numel(rows)
     footer = {"name": f"{len(rows)} tensors", "numel": numel, "nbytes": nbytes}
     records = [
-        {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "numel": t.numel, "nbytes": t.nbytes} for t in rows
+        {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "numel": t.numel, "nbytes": t.nbytes, "tie": t.tie}
+        for t in rows
     ]
-    output.emit(records, LS_COLUMNS, fmt, footer=footer, title=ckpt)
+    resolved = output.resolve(fmt)
+    marks_ties = resolved in ("json", "jsonl") or (resolved == "table" and any(t.tie for t in rows))
+    output.emit(records, LS_COLUMNS + ["tie"] * marks_ties, resolved, footer=footer, title=ckpt)
 
 
 @cli.command("tree")

@@ -177,8 +177,6 @@ def losses(ckpt: Checkpoint, fmt: str) -> list[str]:
         lost.append("writing the archive's model.weights.h5 only, without its config.json and metadata.json")
     if fmt != "pt" and any(t.stride is not None and not t.is_contiguous for t in ckpt.tensors):
         lost.append(f"{fmt} stores views as contiguous copies")
-    if fmt == "hdf5" and ckpt.tie_groups():
-        lost.append("hdf5 stores each name of a tied tensor as a separate copy")
     return lost
 
 

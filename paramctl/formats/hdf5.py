@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 # dtypes h5py stores as opaque bytes (from ml_dtypes arrays), named by a `dtype` attribute
 TAGGED = {name for name in ITEMSIZE if name == "bfloat16" or name.startswith("float8")}
+TIES_ATTR = "paramctl_ties"
 H5PY_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
 
 
@@ -167,8 +168,27 @@ def read_tensors(image: H5Image) -> list[Tensor]:
                 first = rows[item.path]  # one dataset under two names: a tie
                 rows[name] = Tensor(name, first.shape, first.dtype, first.storage)
         listed = dict.fromkeys(n for n in listed_weights(groups) if n in rows)
+        declared = f.attrs.get(TIES_ATTR)
+    for alias, kept in declared_ties(declared).items():
+        a, k = rows.get(alias), rows.get(kept)
+        if a is not None and k is not None and (a.shape, a.dtype) == (k.shape, k.dtype):
+            rows[alias] = Tensor(alias, k.shape, k.dtype, k.storage, k.offset, k.stride, attrs={"alias_of": kept})
     slots = iter(listed)
     return [rows[next(slots) if name in listed else name] for name in rows]
+
+
+def declared_ties(raw: Any) -> dict[str, str]:
+    """paramctl's record of ties in an HDF5 file ({alias: kept}, JSON in a root attribute).
+
+    Keras refuses links, so a tie is written as copies plus this record; reading it makes the
+    alias a view of the kept dataset again."""
+    try:
+        ties = json.loads(plain(raw)) if raw is not None else {}
+    except (TypeError, ValueError):
+        return {}
+    if not isinstance(ties, dict):
+        return {}
+    return {str(a): str(k) for a, k in ties.items()}
 
 
 def walk(root: h5py.Group) -> Iterator[tuple[str, Any]]:
@@ -311,6 +331,12 @@ def write(ckpt: Checkpoint, path: str, image: H5Image | None) -> None:
         for t in ckpt.tensors:
             if t.name not in written:
                 write_tensor(dst, t, None)
+        # a tie the output already holds as one dataset under two hard links needs no record
+        ties = {n: group[0] for group in ckpt.tie_groups() for n in group[1:] if dst[n] != dst[group[0]]}
+        if ties:
+            dst.attrs[TIES_ATTR] = json.dumps(ties)
+        elif TIES_ATTR in dst.attrs:
+            del dst.attrs[TIES_ATTR]
 
 
 def copy_structure(src: h5py.File, dst: h5py.File, rows: dict[str, Tensor]) -> set[str]:

@@ -106,7 +106,8 @@ def with_declared_aliases(tensors: list[Tensor], metadata: dict[str, str]) -> li
     for dropped, kept in list(metadata.items()):
         if dropped not in by_name and kept in by_name:
             k = by_name[kept]
-            aliases.setdefault(kept, []).append(Tensor(dropped, k.shape, k.dtype, k.storage, k.offset, k.stride))
+            alias = Tensor(dropped, k.shape, k.dtype, k.storage, k.offset, k.stride, attrs={"alias_of": kept})
+            aliases.setdefault(kept, []).append(alias)
             del metadata[dropped]
     return [row for t in tensors for row in (t, *aliases.get(t.name, []))]
 
