@@ -138,9 +138,7 @@ def _table(
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(
-        title=Text(escape(title)) if title else None, show_footer=footer is not None, box=None, pad_edge=False
-    )
+    table = Table(show_footer=footer is not None, box=None, pad_edge=False)
     for c in columns:
         sample = next((r[c] for r in rows if r.get(c) is not None), None)
         numeric = isinstance(sample, (int, float)) and not isinstance(sample, bool)
@@ -148,7 +146,10 @@ def _table(
         table.add_column(Text(c, style="bold"), footer=foot, justify="right" if numeric else "left")
     for row in rows:
         table.add_row(*(Text(_human(c, row.get(c)), style=(highlight and highlight(row, c)) or "") for c in columns))
-    Console(file=sys.stdout, soft_wrap=False).print(table)
+    console = Console(file=sys.stdout, soft_wrap=False)
+    if title:  # a line of its own: a table narrower than a long path would wrap it
+        console.print(Text(escape(title), style="dim"), soft_wrap=True)
+    console.print(table)
 
 
 def emit_record(record: dict[str, Any], fmt: str | None) -> None:

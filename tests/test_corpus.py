@@ -393,7 +393,7 @@ def test_ls_matches_real_reader(corpus: Corpus, key: str) -> None:
     entry = corpus.entries[key]
     want = entry.read()
     rows = ls_json(entry.path)
-    assert all(list(row) == ["name", "shape", "dtype", "numel", "nbytes"] for row in rows)
+    assert all(list(row) == ["name", "shape", "dtype", "numel", "nbytes", "tie"] for row in rows)
     names = [row["name"] for row in rows]
     if entry.ordered:
         assert names == list(want)
