@@ -22,8 +22,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check paramctl tests sample_checkpoints
-	$(BIN)/ruff format --check paramctl tests sample_checkpoints
+	$(BIN)/ruff check paramctl tests sample_checkpoints examples bench
+	$(BIN)/ruff format --check paramctl tests sample_checkpoints examples bench
 	$(BIN)/mypy
 
 clean:

@@ -17,11 +17,10 @@ from typing import IO
 
 from paramctl.errors import FormatError, UsageError
 from paramctl.formats import hdf5
-from paramctl.formats.zipfiles import member_storage, zip_members
+from paramctl.formats.zipfiles import ZIP_ERRORS, member_storage, zip_members
 from paramctl.table import Checkpoint
 
 WEIGHTS = "model.weights.h5"
-ZIP_ERRORS = (zipfile.BadZipFile, OSError, ValueError, EOFError)
 
 
 @dataclass

@@ -9,6 +9,8 @@ from typing import BinaryIO
 from paramctl.errors import FormatError
 from paramctl.table import Storage
 
+ZIP_ERRORS = (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError)
+
 
 def member_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int:
     """File offset of a stored member's bytes (after its local header)."""
@@ -24,7 +26,7 @@ def zip_members(path: str) -> tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]
     try:
         zf = zipfile.ZipFile(path)
         return zf, {i.filename: i for i in zf.infolist()}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except ZIP_ERRORS as e:
         raise FormatError(f"invalid zip archive: {e}", path) from None
 
 
@@ -34,4 +36,11 @@ def member_storage(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> Sto
         with open(path, "rb") as f:
             offset = member_offset(f, info)
         return Storage(info.file_size, path=path, offset=offset)
-    return Storage(info.file_size, path=path, load=lambda: zf.read(info))
+
+    def decompress() -> bytes:
+        try:
+            return zf.read(info)
+        except ZIP_ERRORS as e:
+            raise FormatError(f"invalid zip member {info.filename}: {e}", path) from None
+
+    return Storage(info.file_size, path=path, load=decompress)
