@@ -100,10 +100,31 @@ def write_options(fn: Callable) -> Callable:
     )(fn)
 
 
-def write_checkpoint(ckpt: Checkpoint, target: str | None, to: str | None = None) -> None:
+def shard_size_option(fn: Callable) -> Callable:
+    """--shard-size, for commands that can write a sharded checkpoint (as does an -o *.index.json)."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+        from paramctl.formats.sharded import parse_size
+
+        try:
+            return None if value is None else parse_size(value)
+        except UsageError as e:
+            raise click.BadParameter(e.message) from None
+
+    return click.option(
+        "--shard-size",
+        metavar="SIZE",
+        callback=parse,
+        help="Write numbered shards of at most SIZE (2GB, 500MB, 1GiB) plus an *.index.json, as transformers does.",
+    )(fn)
+
+
+def write_checkpoint(
+    ckpt: Checkpoint, target: str | None, to: str | None = None, shard_size: int | None = None
+) -> None:
     """Save CKPT to TARGET (None: standard output if it is not a terminal), warning on stderr
-    about anything the output format cannot hold."""
-    from paramctl.formats import losses, output_format, save
+    about anything the output format cannot hold. SHARD_SIZE (bytes) writes shards plus an index."""
+    from paramctl.formats import losses, output_format, save, writes_shards
 
     if target is None:
         if output.stdout_is_terminal():
@@ -111,9 +132,9 @@ def write_checkpoint(ckpt: Checkpoint, target: str | None, to: str | None = None
         target = "-"
     refuse_terminal(target)
     fmt = output_format(target, ckpt, to)
-    for loss in losses(ckpt, fmt):
+    for loss in losses(ckpt, fmt, writes_shards(target, shard_size)):
         output.note(f"warning: {loss}")
-    save(ckpt, target, fmt)
+    save(ckpt, target, fmt, shard_size)
 
 
 def output_target(ckpt: str, output_path: str | None, in_place: bool) -> str | None:
@@ -181,4 +202,4 @@ def main() -> None:
 
 
 # registering the commands: each module decorates its functions with @cli.command
-from paramctl.commands import convert, inspect, stats, ties  # noqa: E402, F401
+from paramctl.commands import convert, diff, edit, inspect, reinit, stats, ties  # noqa: E402, F401

@@ -272,6 +272,31 @@ class Checkpoint:
             new = done[key]
             t.dtype, t.storage, t.offset, t.stride = new.dtype, new.storage, 0, None
 
+    def rename(self, new_names: dict[str, str]) -> None:
+        """Rename rows (old name -> new name); the others keep theirs, and ties stay ties.
+
+        A rename that would leave two rows with one name is refused, naming both.
+        """
+        final = {t.name: new_names.get(t.name, t.name) for t in self.tensors}
+        owner: dict[str, str] = {}
+        for old, new in final.items():
+            if not new:
+                raise UsageError(f"renaming {old!r} would leave it without a name", self.source)
+            if new in owner:
+                raise UsageError(f"renaming would merge {owner[new]!r} and {old!r} into {new!r}", self.source)
+            owner[new] = old
+        for t in self.tensors:
+            t.name = final[t.name]
+            if t.attrs.get("alias_of") in final:
+                t.attrs["alias_of"] = final[t.attrs["alias_of"]]
+        self.link_ties()
+
+    def remove(self, tensors: Iterable[Tensor]) -> None:
+        """Drop TENSORS from the table; the other names of their tie groups stay."""
+        gone = {id(t) for t in tensors}
+        self.tensors = [t for t in self.tensors if id(t) not in gone]
+        self.link_ties()
+
     def select(self, pattern: str | None = None, exclude: Iterable[str] = ()) -> list[Tensor]:
         """Tensors whose names match PATTERN (regex, search semantics) and none of EXCLUDE."""
         keep = compile_pattern(pattern) if pattern else None

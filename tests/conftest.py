@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,11 @@ def run(*args: str, input: bytes | None = None, tty: bool = False) -> Result:
 @pytest.fixture
 def samples() -> Path:
     return SAMPLES
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The fuzz run's outcome counts per format, for the record."""
+    fuzz = sys.modules.get("test_fuzz")
+    for fmt, counts in sorted(getattr(fuzz, "OUTCOMES", {}).items()):
+        total = sum(counts.values())
+        terminalreporter.write_line(f"fuzz {fmt}: {total} cases, {counts['table']} tables, {counts['error']} clean errors")

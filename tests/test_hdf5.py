@@ -321,6 +321,85 @@ def test_handmade_hdf5_features(tmp_path):
         assert f["text"][()] == b"not a tensor"
 
 
+def test_dataset_layouts(tmp_path):
+    """Compact, never-written and contiguous datasets (behind a user block) are rows; external,
+    virtual and empty ones are not, and are written back as they were."""
+    path = tmp_path / "layouts.h5"
+    (tmp_path / "values.bin").write_bytes(np.arange(4, dtype="<f4").tobytes())
+    with h5py.File(path, "w", userblock_size=512) as f:
+        f["plain"] = np.arange(6, dtype="f8").reshape(2, 3)
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_layout(h5py.h5d.COMPACT)
+        f.create_dataset("compact", data=np.arange(3, dtype="i2"), dcpl=dcpl)
+        f.create_dataset("unwritten", (2, 2), "f4")  # no storage yet (HDF5 gives an offset all the same)
+        f.create_dataset("outside", (4,), "f4", external=[(str(tmp_path / "values.bin"), 0, 16)])
+        layout = h5py.VirtualLayout((6,), "f8")
+        layout[:] = h5py.VirtualSource(".", "plain", shape=(6,))
+        f.create_virtual_dataset("virtual", layout)
+        f["empty"] = h5py.Empty("f4")
+    ckpt = paramctl.load(str(path))
+    assert [(t.name, t.dtype, t.storage.load is None) for t in ckpt] == [
+        ("compact", "int16", False),
+        ("plain", "float64", True),
+        ("unwritten", "float32", False),
+    ]
+    assert ckpt["plain"].array().tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert ckpt["compact"].array().tolist() == [0, 1, 2]
+    assert ckpt["unwritten"].array().tolist() == [[0, 0], [0, 0]]
+    out = tmp_path / "out.h5"
+    paramctl.save(ckpt, str(out))
+    assert structure(out) == structure(path)
+    with h5py.File(out) as f:
+        assert f["outside"].external and f["virtual"].is_virtual and f["empty"].shape is None
+        assert f["outside"][()].tolist() == [0, 1, 2, 3] and f["virtual"][()].tolist() == list(range(6))
+
+
+def test_tagged_opaque_datasets(tmp_path):
+    """Opaque data is a row only under a `dtype` tag (text or bytes) naming a type of its size."""
+    path = tmp_path / "tagged.h5"
+    with h5py.File(path, "w") as f:
+        for name, values, tag in [
+            ("text_tag", np.ones(3, ml_dtypes.bfloat16), "bfloat16"),
+            ("bytes_tag", np.ones(3, ml_dtypes.bfloat16), np.bytes_(b"bfloat16")),
+            ("fp8", np.ones(2, ml_dtypes.float8_e4m3fn), "float8_e4m3fn"),
+            ("wrong_size", np.ones(2, ml_dtypes.bfloat16), "float8_e4m3fn"),
+            ("four_bytes", np.zeros(2, "V4"), "bfloat16"),
+            ("unknown_tag", np.ones(2, ml_dtypes.bfloat16), "bf16"),
+            ("untagged", np.ones(2, ml_dtypes.bfloat16), None),
+        ]:
+            f[name] = values
+            if tag is not None:
+                f[name].attrs["dtype"] = tag
+    ckpt = paramctl.load(str(path))
+    assert [(t.name, t.dtype) for t in ckpt] == [
+        ("bytes_tag", "bfloat16"),
+        ("fp8", "float8_e4m3fn"),
+        ("text_tag", "bfloat16"),
+    ]
+    assert ckpt["fp8"].array().tobytes() == np.ones(2, ml_dtypes.float8_e4m3fn).tobytes()
+
+
+def test_creation_order_and_a_link_back_to_the_root(tmp_path):
+    """A group that tracks creation order lists its links so, natural order or not; a hard link
+    back to the root ends, its rows ties of the rows first reached."""
+    path = tmp_path / "ordered.h5"
+    with h5py.File(path, "w", track_order=True) as f:
+        f["w10"] = np.ones(2, "f4")
+        f["w9"] = np.zeros(2, "f4")
+        f["up"] = f["/"]
+    ckpt = paramctl.load(str(path))
+    assert ckpt.names()[:2] == ["w10", "w9"]
+    assert all(t.storage is ckpt[t.name.rpartition("/")[2]].storage for t in ckpt)
+
+
+def test_names_that_are_not_utf8_are_a_format_error(tmp_path):
+    path = tmp_path / "latin1.h5"
+    with h5py.File(path, "w") as f:
+        f[b"caf\xe9"] = np.ones(2, "f4")
+    with pytest.raises(paramctl.FormatError):
+        paramctl.load(str(path))
+
+
 # --- writing -------------------------------------------------------------------------------------
 
 

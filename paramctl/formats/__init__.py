@@ -134,18 +134,19 @@ def _remove(path: str) -> None:
 
 
 def output_format(path: str, ckpt: Checkpoint, to: str | None = None) -> str:
-    """The format to write PATH in: --to, else PATH's extension, else the input's format."""
+    """The format to write PATH in: --to, else PATH's extension (an index's: `model.safetensors`
+    of `model.safetensors.index.json`), else the input's format."""
     if to:
         if to not in WRITABLE:
             raise UsageError(f"cannot write format {to!r}; choose one of {', '.join(WRITABLE)}")
         return to
-    ext = os.path.splitext(path)[1].lower()
+    ext = os.path.splitext(path.removesuffix(".index.json"))[1].lower()
     if ext in EXTENSIONS and path != "-":
         return EXTENSIONS[ext]
     if ckpt.format == "pt-legacy":
         return "pt"
     if ckpt.format == "sharded":
-        return ckpt.extra["shard_format"]
+        return ckpt.extra.shard_format
     return ckpt.format
 
 
@@ -163,14 +164,15 @@ def non_tensor_entries(ckpt: Checkpoint) -> dict[str, Any]:
     return {}
 
 
-def losses(ckpt: Checkpoint, fmt: str) -> list[str]:
-    """What writing CKPT as FMT cannot keep, one line each (for warnings on stderr)."""
+def losses(ckpt: Checkpoint, fmt: str, sharded: bool = False) -> list[str]:
+    """What writing CKPT as FMT (in SHARDED form) cannot keep, one line each (for warnings on stderr)."""
     lost = []
-    if fmt != "pt" and ckpt.format in ("pt", "pt-legacy"):
+    if (fmt != "pt" or sharded) and ckpt.format in ("pt", "pt-legacy"):
         entries = list(non_tensor_entries(ckpt))
         if entries:
             shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-            lost.append(f"{fmt} holds tensors only: dropping {len(entries)} non-tensor entries ({shown})")
+            what = f"sharded {fmt}" if sharded else fmt
+            lost.append(f"{what} holds tensors only: dropping {len(entries)} non-tensor entries ({shown})")
     if fmt in ("pt", "safetensors") and ckpt.format in ("hdf5", "keras"):
         lost.append(f"{fmt} keeps the tensors only, not the HDF5 attributes (keras_version, layer and weight names)")
     if fmt == "hdf5" and ckpt.format == "keras":
@@ -180,9 +182,22 @@ def losses(ckpt: Checkpoint, fmt: str) -> list[str]:
     return lost
 
 
-def save(ckpt: Checkpoint, path: str, fmt: str | None = None) -> None:
-    """Write CKPT to PATH (`-`: standard output) atomically, in FMT or the format PATH implies."""
+def writes_shards(path: str, shard_size: int | None = None) -> bool:
+    """Whether writing PATH makes a sharded checkpoint: an `*.index.json`, a directory (`out/`), or a shard size."""
+    return shard_size is not None or path.endswith((".index.json", "/", os.sep)) or os.path.isdir(path)
+
+
+def save(ckpt: Checkpoint, path: str, fmt: str | None = None, shard_size: int | None = None) -> None:
+    """Write CKPT to PATH (`-`: standard output) atomically, in FMT or the format PATH implies.
+
+    An `*.index.json` path, a directory or a SHARD_SIZE in bytes writes numbered shards plus an
+    index, as transformers does (see formats.sharded)."""
     fmt = fmt or output_format(path, ckpt)
+    if writes_shards(path, shard_size):
+        from paramctl.formats import sharded
+
+        sharded.save(ckpt, path, fmt, shard_size)
+        return
     writer = _writer(fmt)
     with atomic_path(path) as tmp:
         writer(ckpt, tmp)

@@ -20,8 +20,10 @@ import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from itertools import count, takewhile
-from typing import TYPE_CHECKING, Any
+from functools import cached_property, lru_cache
+from itertools import takewhile
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from paramctl.dtypes import ITEMSIZE, from_numpy, itemsize
 from paramctl.errors import FormatError, UsageError
@@ -29,11 +31,14 @@ from paramctl.table import Checkpoint, Storage, Tensor
 
 if TYPE_CHECKING:
     import h5py
+    import numpy as np
 
 # dtypes h5py stores as opaque bytes (from ml_dtypes arrays), named by a `dtype` attribute
 TAGGED = {name for name in ITEMSIZE if name == "bfloat16" or name.startswith("float8")}
+TAGGED_SIZES = {itemsize(name) for name in TAGGED}
 TIES_ATTR = "paramctl_ties"
 H5PY_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
+DIGITS = re.compile(r"(\d+)")
 
 
 class FileWindow(io.RawIOBase):
@@ -110,7 +115,7 @@ class H5Image:
             where = f"{self.member} in the archive is not" if self.member else "not"
             raise FormatError(f"{where} a valid HDF5 file: {e}", self.path) from None
 
-    @property
+    @cached_property  # the truncation check asks for every dataset
     def nbytes(self) -> int:
         return self.size if self.size is not None else os.path.getsize(self.path)
 
@@ -153,20 +158,22 @@ def plain(value: Any) -> Any:
 
 def read_tensors(image: H5Image) -> list[Tensor]:
     import h5py
+    from h5py import h5a, h5d, h5g
 
     rows: dict[str, Tensor] = {}
     with image.reading() as f:
-        groups = {"": f["/"]}
+        groups = {"": f["/"]}  # the groups whose attributes may list weights: the root and any with attributes
         for name, item in walk(f["/"]):
-            if isinstance(item, h5py.Group):
-                groups[name] = item
-            elif isinstance(item, h5py.Dataset):
-                dtype = tensor_dtype(item)
-                if dtype is not None:
-                    rows[name] = Tensor(name, item.shape, dtype, dataset_storage(item, dtype, image, name))
-            elif isinstance(item, HardLinkTo) and item.path in rows:
-                first = rows[item.path]  # one dataset under two names: a tie
-                rows[name] = Tensor(name, first.shape, first.dtype, first.storage)
+            if isinstance(item, HardLinkTo):
+                if item.path in rows:
+                    first = rows[item.path]  # one dataset under two names: a tie
+                    rows[name] = Tensor(name, first.shape, first.dtype, first.storage)
+            elif isinstance(item, h5d.DatasetID):
+                row = dataset_tensor(item, image, name)
+                if row is not None:
+                    rows[name] = row
+            elif isinstance(item, h5g.GroupID) and h5a.get_num_attrs(item):
+                groups[name] = h5py.Group(item)
         listed = dict.fromkeys(n for n in listed_weights(groups) if n in rows)
         declared = f.attrs.get(TIES_ATTR)
     for alias, kept in declared_ties(declared).items():
@@ -194,58 +201,105 @@ def declared_ties(raw: Any) -> dict[str, str]:
 def walk(root: h5py.Group) -> Iterator[tuple[str, Any]]:
     """Every link below ROOT as (path, item), depth first, a group before its members, in stored order.
 
-    item is a Group, Dataset or committed Datatype; a SoftLink or ExternalLink, never followed
-    (that could read another file; Keras refuses them too); or a HardLinkTo for an object already
-    reached, so that a cycle of hard links ends. Iterative: a hostile file may nest deeply.
+    item is an h5py low-level GroupID, DatasetID or TypeID (a committed datatype); a SoftLink or
+    ExternalLink, never followed (that could read another file; Keras refuses them too); or a
+    HardLinkTo for an object already reached, so that a cycle of hard links ends. Iterative: a
+    hostile file may nest deeply.
+
+    Low-level, because h5py's Group and Dataset objects cost several times what HDF5 takes to read
+    the structure: each name lookup, type check and property is another round of calls into HDF5.
     """
     import h5py
+    from h5py import h5g, h5l, h5o
 
-    first: dict = {}  # object id -> the path it was first reached by
-    stack = [("", iter(children(root)), root)]
+    first: dict[int, str] = {}  # object address -> the path it was first reached by
+    stack = [("", iter(links_of(root.id)), root.id)]
     while stack:
-        prefix, names, group = stack[-1]
-        name = next(names, None)
-        if name is None:
+        prefix, links, group = stack[-1]
+        link = next(links, None)
+        if link is None:
             stack.pop()
             continue
-        path = prefix + name
-        link = group.get(name, getlink=True)
-        if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
-            yield path, link
-            continue
-        item = group[name]
-        if item.id in first:
-            yield path, HardLinkTo(first[item.id])
-            continue
-        first[item.id] = path
-        yield path, item
-        if isinstance(item, h5py.Group):
-            stack.append((path + "/", iter(children(item)), item))
+        path = prefix + link.name
+        if link.type != h5l.TYPE_HARD:
+            yield path, h5py.Group(group).get(link.name, getlink=True)
+        elif link.address in first:
+            yield path, HardLinkTo(first[link.address])
+        else:
+            first[link.address] = path
+            item = h5o.open(group, link.name.encode())
+            yield path, item
+            if isinstance(item, h5g.GroupID):
+                stack.append((path + "/", iter(links_of(item)), item))
 
 
-def children(group: h5py.Group) -> list[str]:
-    """Link names in creation order where the group tracks it, else in natural order (HDF5 would
-    give name order, which puts Keras 3's `vars/10` before `vars/2`)."""
-    names = list(group)
-    if tracks_order(group):
-        return names
-    return sorted(names, key=lambda n: [int(s) if i % 2 else s for i, s in enumerate(re.split(r"(\d+)", n))])
+class Link(NamedTuple):
+    name: str
+    type: int  # h5l.TYPE_HARD, TYPE_SOFT, TYPE_EXTERNAL or a user-defined type
+    address: int  # where a hard link leads
+    order: int | None  # its creation order, where the group tracks it
+
+
+def links_of(group: h5py.h5g.GroupID) -> list[Link]:
+    """A group's links in creation order where the group tracks it, else in natural order (HDF5
+    would give name order, which puts Keras 3's `vars/10` before `vars/2`)."""
+    if not group.get_num_objs():  # as h5py does, so that damage in an empty group's storage is no error
+        return []
+    found: list[tuple[bytes, int, int, int | None]] = []
+    # The callback is passed one LinkInfo, overwritten for each link, so it copies the fields out.
+    # It only appends: returning anything but None would end the iteration, and h5py turns an
+    # exception raised in it into a SystemError.
+    group.links.iterate(lambda n, i: found.append((n, i.type, i.u, i.corder if i.corder_valid else None)), info=True)
+    links = [Link(name.decode(), kind, address, order) for name, kind, address, order in found]
+    if all(link.order is not None for link in links):
+        return sorted(links, key=attrgetter("order"))
+    return sorted(links, key=lambda link: natural_key(link.name))
+
+
+def natural_key(name: str) -> list[str | int]:
+    return [int(s) if i % 2 else s for i, s in enumerate(DIGITS.split(name))]
 
 
 def tracks_order(group: h5py.Group) -> bool:
     return bool(group.id.get_create_plist().get_link_creation_order())
 
 
-def tensor_dtype(ds: h5py.Dataset) -> str | None:
-    """The dtype of a dataset's values, or None for content that is not a tensor (strings,
-    records, opaque data without a tag, external or virtual storage, an empty dataspace)."""
-    dt = ds.dtype
-    if ds.shape is None or ds.external or ds.is_virtual:
+def dataset_tensor(ds: h5py.h5d.DatasetID, image: H5Image, name: str) -> Tensor | None:
+    """Dataset NAME of IMAGE as a row, or None if it holds no tensor."""
+    shape, offset = ds.shape, file_offset(ds)  # h5py makes each anew at every call
+    dtype = tensor_dtype(ds, shape, offset)
+    if dtype is None:
         return None
-    if dt.kind == "V" and dt.names is None and dt.subdtype is None:
-        tag = ds.attrs.get("dtype")
+    nbytes = math.prod(shape) * itemsize(dtype)
+    if offset is None or image.data is not None or ds.dtype.byteorder == ">":
+        storage = Storage(nbytes, path=image.path, load=lambda: read_dataset(image, name))
+    elif offset + nbytes > image.nbytes:
+        raise FormatError(f"truncated: dataset {name!r} ends at byte {offset + nbytes} of {image.nbytes}", image.path)
+    else:
+        storage = Storage(nbytes, path=image.path, offset=image.offset + offset)
+    return Tensor(name, shape, dtype, storage)
+
+
+def tensor_dtype(ds: h5py.h5d.DatasetID, shape: tuple[int, ...] | None, offset: int | None) -> str | None:
+    """The dtype of a dataset's values, or None for content that is not a tensor (strings,
+    records, opaque data without a tag, external or virtual storage, an empty dataspace).
+
+    SHAPE and OFFSET are the dataset's `ds.shape` (None for an empty dataspace) and `file_offset`."""
+    import h5py
+
+    if shape is None or (offset is None and stored_elsewhere(ds)):
+        return None
+    dt = ds.dtype
+    if dt.kind == "V" and dt.names is None and dt.subdtype is None:  # opaque: read the tag only if it can fit
+        tag = h5py.Dataset(ds).attrs.get("dtype") if dt.itemsize in TAGGED_SIZES else None
         tag = tag.decode("utf-8", "replace") if isinstance(tag, bytes) else tag
         return tag if isinstance(tag, str) and tag in TAGGED and itemsize(tag) == dt.itemsize else None
+    return numeric_dtype(dt)
+
+
+@lru_cache  # the datasets of a checkpoint share a few dtypes, and numpy is slow to name one
+def numeric_dtype(dt: np.dtype) -> str | None:
+    """paramctl's name for a numeric numpy dtype of either byte order, or None."""
     if dt.kind not in "biufc":
         return None
     try:
@@ -254,14 +308,24 @@ def tensor_dtype(ds: h5py.Dataset) -> str | None:
         return None
 
 
-def dataset_storage(ds: h5py.Dataset, dtype: str, image: H5Image, name: str) -> Storage:
-    nbytes = math.prod(ds.shape) * itemsize(dtype)
-    offset = ds.id.get_offset()  # None unless contiguous and allocated
-    if offset is None or ds.chunks is not None or image.data is not None or ds.dtype.byteorder == ">":
-        return Storage(nbytes, path=image.path, load=lambda: read_dataset(image, name))
-    if offset + nbytes > image.nbytes:
-        raise FormatError(f"truncated: dataset {name!r} ends at byte {offset + nbytes} of {image.nbytes}", image.path)
-    return Storage(nbytes, path=image.path, offset=image.offset + offset)
+def file_offset(ds: h5py.h5d.DatasetID) -> int | None:
+    """Where a dataset's values start in the file, or None unless they lie there contiguous (they
+    are chunked, compact, not yet written, or stored elsewhere)."""
+    from h5py import h5d
+
+    offset = ds.get_offset()
+    # for storage not yet allocated, HDF5 reports the size of the file's user block minus one
+    if offset is not None and ds.get_space_status() != h5d.SPACE_STATUS_ALLOCATED:
+        return None
+    return offset
+
+
+def stored_elsewhere(ds: h5py.h5d.DatasetID) -> bool:
+    """Whether a dataset's values are in other files: external storage, or a virtual dataset."""
+    from h5py import h5d
+
+    dcpl = ds.get_create_plist()
+    return dcpl.get_layout() == h5d.VIRTUAL or dcpl.get_external_count() > 0
 
 
 def read_dataset(image: H5Image, name: str) -> bytes:
@@ -288,7 +352,9 @@ def attr_list(group: h5py.Group, name: str) -> list[str]:
     """A list of strings Keras saved as attribute NAME, or split over NAME0, NAME1, ... when large."""
     import numpy as np
 
-    keys = [name] if name in group.attrs else takewhile(group.attrs.__contains__, (f"{name}{i}" for i in count()))
+    # bounded by the number of attributes: a damaged attribute table can answer "yes" to every name
+    split = (f"{name}{i}" for i in range(len(group.attrs)))
+    keys = [name] if name in group.attrs else takewhile(group.attrs.__contains__, split)
     values = []
     for key in keys:
         value = group.attrs[key]
@@ -342,14 +408,16 @@ def write(ckpt: Checkpoint, path: str, image: H5Image | None) -> None:
 def copy_structure(src: h5py.File, dst: h5py.File, rows: dict[str, Tensor]) -> set[str]:
     """Rebuild SRC in DST with the tensors of ROWS; return the names of the rows written."""
     import h5py
+    from h5py import h5d, h5g
 
     written = set()
     copy_attrs(src["/"], dst["/"])
     for name, item in walk(src["/"]):
-        if isinstance(item, h5py.Group):
-            copy_attrs(item, dst.create_group(name, track_order=tracks_order(item)))
+        if isinstance(item, h5g.GroupID):
+            group = h5py.Group(item)
+            copy_attrs(group, dst.create_group(name, track_order=tracks_order(group)))
         elif name in rows:
-            dataset = src[item.path] if isinstance(item, HardLinkTo) else item
+            dataset = src[name] if isinstance(item, (h5d.DatasetID, HardLinkTo)) else None
             write_tensor(dst, rows[name], dataset if isinstance(dataset, h5py.Dataset) else None)
             written.add(name)
         elif isinstance(item, HardLinkTo):
@@ -357,10 +425,10 @@ def copy_structure(src: h5py.File, dst: h5py.File, rows: dict[str, Tensor]) -> s
                 dst[name] = dst[item.path]
         elif isinstance(item, (h5py.SoftLink, h5py.ExternalLink)):
             dst[name] = item
-        elif isinstance(item, h5py.Dataset) and tensor_dtype(item) is not None:
+        elif isinstance(item, h5d.DatasetID) and tensor_dtype(item, item.shape, file_offset(item)) is not None:
             continue  # a tensor whose row is gone
         else:
-            src.copy(item, dst, name=name)  # a non-tensor dataset or a committed datatype
+            src.copy(name, dst, name=name)  # a non-tensor dataset or a committed datatype
     return written
 
 

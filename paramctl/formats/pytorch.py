@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from paramctl.dtypes import TORCH_STORAGES, from_torch, itemsize, torch_dtype
-from paramctl.errors import FormatError, UnsafeContentError
+from paramctl.errors import FormatError, UnsafeContentError, UsageError
 from paramctl.formats.zipfiles import member_storage, zip_members
 from paramctl.table import Checkpoint, Storage, Tensor
+
+POSITION = "position"  # Tensor.attrs key: the keys leading to the tensor in the object it was read from
 
 # --- inert records standing in for torch objects while the pickle is read ----------------------
 
@@ -222,34 +224,47 @@ def load_zip(path: str, source: str) -> Checkpoint:
 
 
 def name_tensors(obj: Any, path: str) -> list[Tensor]:
-    """Every tensor in OBJ, named by its path of keys and indices; bounds are checked."""
+    """Every tensor in OBJ, named by its path of keys and indices; bounds are checked.
+
+    Each row records that path as its POSITION, so that the writer puts it back there (or, once
+    renamed, under its new key) whatever else has changed in the table.
+    """
     tensors: list[Tensor] = []
     seen: dict[int, Tensor] = {}  # a tensor object pickled twice is memoized: give each place a row
 
-    def walk(node: Any, prefix: str) -> None:
+    def walk(node: Any, keys: tuple) -> None:
         if isinstance(node, Tensor):
             if id(node) in seen:  # one pickled object in two places: a row per name, tied
                 first = seen[id(node)]
                 node = Tensor(
-                    "", first.shape, first.dtype, first.storage, first.offset, first.stride, attrs=first.attrs
+                    "", first.shape, first.dtype, first.storage, first.offset, first.stride, attrs=dict(first.attrs)
                 )
             seen[id(node)] = node
-            node.name = prefix or "tensor"
+            node.name = dotted(keys) or "tensor"
+            node.attrs[POSITION] = keys
             node.check_bounds()
             tensors.append(node)
         elif isinstance(node, dict):
             for k, v in node.items():
-                walk(v, f"{prefix}.{k}" if prefix else str(k))
+                walk(v, (*keys, k))
         elif isinstance(node, (list, tuple)):
             for i, v in enumerate(node):
-                walk(v, f"{prefix}.{i}" if prefix else str(i))
+                walk(v, (*keys, i))
 
-    walk(obj, "")
+    walk(obj, ())
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise FormatError(f"two tensors would both be named {dup!r}", path)
     return tensors
+
+
+def dotted(keys: tuple) -> str:
+    """The name of the place KEYS lead to in the object: keys and indices joined with '.'."""
+    name = ""
+    for k in keys:
+        name = f"{name}.{k}" if name else str(k)
+    return name
 
 
 # --- the legacy format, through torch ------------------------------------------------------------
@@ -333,10 +348,177 @@ def save(ckpt: Checkpoint, path: str) -> None:
         return made[id(t)]
 
     if ckpt.format in ("pt", "pt-legacy") and ckpt.extra is not None:
-        obj = _to_torch_objects(ckpt.extra, convert)
+        obj = _to_torch_objects(arrange(ckpt.extra, ckpt.tensors), convert)
     else:
         obj = collections.OrderedDict((t.name, convert(t)) for t in ckpt.tensors)
     torch.save(obj, path)
+
+
+# --- the object to write: the one read, rearranged to hold the table's rows -----------------------
+
+_GONE = object()  # an entry whose row has left the table, or has been renamed out of its container
+_CONTAINERS = (dict, list, tuple)
+
+
+def arrange(tree: Any, rows: list[Tensor]) -> Any:
+    """TREE (the object read from the file) with every tensor entry holding its row of ROWS.
+
+    A row sits at the POSITION it was read from. Renamed, it keeps its container, under its new
+    key, when its new name still starts with the container's path (in a Lightning checkpoint,
+    `state_dict.model.0.weight` -> `state_dict.0.weight` is the key `model.0.weight` of the
+    `state_dict` dict becoming `0.weight`); otherwise it goes, like a row the tree never held,
+    into the deepest dict whose path begins its name. The entry of a row that has left the table
+    is deleted. Containers are copies: TREE itself is left as it was.
+    """
+    if isinstance(tree, Tensor) and not (len(rows) == 1 and rows[0].name == "tensor"):
+        return collections.OrderedDict((t.name, t) for t in rows)  # a bare tensor no longer: a state_dict
+    arrangement = _Arrangement(rows)
+    out = arrangement.rebuild(tree, ())
+    if out is _GONE:
+        return collections.OrderedDict((t.name, t) for t in rows)
+    for t in rows:
+        if id(t) not in arrangement.placed:
+            arrangement.place(out, t)
+    return out
+
+
+class _Arrangement:
+    def __init__(self, rows: list[Tensor]):
+        self.at: dict[tuple, Tensor] = {}
+        for t in rows:
+            position = t.attrs.get(POSITION)
+            if isinstance(position, tuple):
+                self.at.setdefault(position, t)
+        positioned = {id(t) for t in self.at.values()}
+        # rows made since reading (or read from another file) take a place of their name
+        self.newcomers = {t.name: t for t in rows if id(t) not in positioned}
+        self.placed: set[int] = set()
+
+    def row_at(self, keys: tuple) -> Any:
+        row = self.at.get(keys) or self.newcomers.get(dotted(keys))
+        return _GONE if row is None or id(row) in self.placed else row
+
+    def rebuild(self, node: Any, keys: tuple) -> Any:
+        if isinstance(node, Tensor):
+            return self.row_at(keys)
+        if isinstance(node, dict):
+            return self.rebuild_dict(node, keys)
+        if type(node) in (list, tuple):
+            return self.rebuild_sequence(node, keys)
+        return node
+
+    def rebuild_dict(self, node: dict, keys: tuple) -> dict:
+        prefix = dotted(keys)
+        out = type(node)()
+        renamed: dict[str, bool] = {}  # each key written, as text: whether a renamed tensor took it
+        moves: list[tuple[str, str]] = []  # (old key, new key) of the tensors that stay here
+        for k, v in node.items():
+            child = self.rebuild(v, (*keys, k))
+            moved = False
+            if isinstance(v, Tensor):
+                key = _GONE if child is _GONE else _key_in(child.name, prefix, k)
+                if key is _GONE:
+                    continue  # removed, or renamed out of this dict: placed by name later
+                self.placed.add(id(child))
+                moves.append((str(k), str(key)))
+                moved, k = key != k, key
+            if str(k) in renamed and (moved or renamed[str(k)]):
+                raise UsageError(f"cannot write {dotted((*keys, k))!r}: another entry has that name")
+            renamed[str(k)] = moved
+            out[k] = child
+        if hasattr(node, "__dict__"):
+            out.__dict__.update(node.__dict__)
+            metadata = node.__dict__.get("_metadata")
+            if isinstance(metadata, dict) and moves:
+                out.__dict__["_metadata"] = renamed_prefixes(metadata, moves)
+        return out
+
+    def rebuild_sequence(self, node: list | tuple, keys: tuple) -> list | tuple:
+        out = []
+        gap = None  # the first item whose tensor has left
+        for i, v in enumerate(node):
+            child = self.rebuild(v, (*keys, i))
+            if isinstance(v, Tensor):
+                if child is _GONE or child.name != dotted((*keys, i)):
+                    gap = gap or dotted((*keys, i))
+                    continue
+                self.placed.add(id(child))
+            if gap is not None:
+                raise UsageError(
+                    f"cannot take {gap!r} out of the list {dotted(keys) or 'the file holds'}: "
+                    "the items after it would be renumbered"
+                )
+            out.append(child)
+        return out if type(node) is list else tuple(out)
+
+    def place(self, root: Any, t: Tensor) -> None:
+        """Put row T into the deepest dict of ROOT whose path begins its name."""
+        node, rest = root, t.name
+        while True:
+            inner = [
+                (str(k), v)
+                for k, v in (node.items() if isinstance(node, dict) else enumerate(node))
+                if type(v) in _CONTAINERS and rest.startswith(f"{k}.")
+            ]
+            if not inner:
+                break
+            key, node = max(inner, key=lambda kv: len(kv[0]))
+            rest = rest[len(key) + 1 :]
+        where = t.name[: len(t.name) - len(rest) - 1]
+        if not isinstance(node, dict):
+            raise UsageError(f"cannot write {t.name!r}: {where!r} is a list, whose items are numbered")
+        if any(str(k) == rest for k in node):
+            raise UsageError(f"cannot write {t.name!r}: the file already has an entry of that name")
+        node[rest] = t
+
+
+def _key_in(name: str, prefix: str, old: Any) -> Any:
+    """The key under which the row NAME stays in the dict at PREFIX, where its key was OLD; or _GONE."""
+    if prefix and not name.startswith(prefix + "."):
+        return _GONE
+    rest = name[len(prefix) + 1 :] if prefix else name
+    if rest == str(old):
+        return old
+    if not rest:
+        return _GONE
+    if isinstance(old, int) and rest.isdecimal() and str(int(rest)) == rest:
+        return int(rest)  # an optimizer state keyed by parameter index stays keyed by integers
+    return rest
+
+
+def renamed_prefixes(metadata: dict, moves: list[tuple[str, str]]) -> dict:
+    """A state_dict's `_metadata` (module versions keyed by module prefix) with each prefix
+    renamed as the keys under it were, as torch's `consume_prefix_in_state_dict_if_present`
+    does: `module.0` becomes `0` when `module.0.weight` became `0.weight`. A module without
+    tensors (a ReLU) follows its parent; a prefix whose keys disagree stays as it was."""
+    votes: dict[str, set[str | None]] = {}
+    for old, new in moves:
+        parts = old.split(".")
+        for n in range(1, len(parts)):
+            prefix = ".".join(parts[:n])
+            if prefix in metadata:
+                rest = old[len(prefix) + 1 :]
+                target = "" if new == rest else new[: -len(rest) - 1] if new.endswith("." + rest) else None
+                votes.setdefault(prefix, set()).add(target)
+    renamed = {p: v.pop() for p, v in votes.items() if len(v) == 1 and None not in v}
+
+    def new_prefix(prefix: Any) -> Any:
+        if not isinstance(prefix, str) or not prefix or prefix in votes:
+            return renamed.get(prefix, prefix)
+        parts = prefix.split(".")
+        for n in range(len(parts) - 1, 0, -1):
+            parent = ".".join(parts[:n])
+            if parent in votes:
+                if parent not in renamed:
+                    return prefix
+                rest = ".".join(parts[n:])
+                return f"{renamed[parent]}.{rest}" if renamed[parent] else rest
+        return prefix
+
+    out = type(metadata)()
+    for prefix, value in metadata.items():
+        out[new_prefix(prefix)] = value
+    return out
 
 
 def _to_torch_objects(node: Any, convert: Any) -> Any:

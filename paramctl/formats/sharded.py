@@ -1,32 +1,80 @@
 """Sharded checkpoints: an `*.index.json` whose `weight_map` names the shard holding each tensor.
 
 The same shape serves `model.safetensors.index.json` and `pytorch_model.bin.index.json`; the
-checkpoint is the union of its shards, in shard order.
+checkpoint is the union of its shards, in shard order (by the numbers in their file names).
+
+Writing follows transformers: shards `model-00001-of-00003.safetensors` (or
+`pytorch_model-00001-of-00002.bin`) of at most a given size, a tie group kept in one shard, and
+an index `{"metadata": {"total_size": ...}, "weight_map": {...}}` with sorted keys. A sharded
+checkpoint written back keeps its layout, and only the shards whose rows changed are written:
+the others stay as they are (or are copied byte for byte to another directory).
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
+import math
 import os
+import re
+import shutil
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from paramctl.errors import FormatError
+from paramctl.errors import FormatError, UsageError
 from paramctl.table import Checkpoint, Tensor
+
+INDEX_SUFFIX = ".index.json"
+SHARD_FORMATS = {"safetensors": ".safetensors", "pt": ".bin"}
+DEFAULT_INDEX = {"safetensors": "model.safetensors.index.json", "pt": "pytorch_model.bin.index.json"}
+DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' save_pretrained default, "5GB"
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+@dataclass
+class Shard:
+    """One shard as read: its file (as the index names it), its own table (metadata, and a .bin
+    shard's object tree) and the state of each of its rows then, to tell whether it changed."""
+
+    file: str
+    ckpt: Checkpoint
+    rows: list[tuple] = field(default_factory=list)
+
+
+@dataclass
+class ShardedSource:
+    """What a sharded checkpoint's writer needs beyond the table (the Checkpoint's `extra`)."""
+
+    index: str
+    shard_format: str
+    metadata: dict[str, Any]  # the index's own metadata: total_size, and whatever else it records
+    shards: list[Shard]
+
+
+def row_state(t: Tensor) -> tuple:
+    """Equal before and after an edit only if the row is untouched: the same object, name, view,
+    storage object and attributes (Tensor and Storage compare by identity)."""
+    return (t, t.name, t.dtype, t.shape, t.stride, t.offset, t.storage, dict(t.attrs))
+
+
+# --- reading -------------------------------------------------------------------------------------
 
 
 def index_file(path: str) -> str:
     """PATH itself, or the single `*.index.json` in the directory PATH."""
     if not os.path.isdir(path):
         return path
-    found = sorted(glob.glob(os.path.join(glob.escape(path), "*.index.json")))
+    found = sorted(glob.glob(os.path.join(glob.escape(path), "*" + INDEX_SUFFIX)))
     if len(found) != 1:
         what = "no *.index.json" if not found else f"{len(found)} *.index.json files"
         raise FormatError(f"a directory with {what}: name the index file", path)
     return found[0]
 
 
-def read_index(path: str) -> dict[str, str]:
-    """The validated weight_map of the index at PATH."""
+def read_index(path: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """The validated weight_map of the index at PATH, and its metadata."""
     try:
         with open(path, "rb") as f:
             index = json.loads(f.read().decode("utf-8"))
@@ -38,33 +86,243 @@ def read_index(path: str) -> dict[str, str]:
     for shard in set(weight_map.values()):
         if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
             raise FormatError(f"shard {shard!r} lies outside the index's directory", path)
-    return weight_map
+    metadata = index.get("metadata")
+    return weight_map, metadata if isinstance(metadata, dict) else {}
+
+
+def shard_order(file: str) -> tuple[float, str]:
+    """Shards in the order of their numbers (`model-00002-of-00003.safetensors`), whatever their
+    stems (an edit may mix `model-*` and `edited-*` shards), then by name."""
+    numbered = re.search(r"-(\d+)-of-\d+\.\w+$", file)
+    return (int(numbered.group(1)) if numbered else math.inf, file)
 
 
 def load(path: str, source: str) -> Checkpoint:
     from paramctl.formats import load as load_file
+    from paramctl.formats import sniff
 
     index = index_file(path)
-    weight_map = read_index(index)
+    weight_map, index_metadata = read_index(index)
     base = os.path.dirname(index)
-    shards = {}
-    for shard in dict.fromkeys(weight_map.values()):
-        shard_path = os.path.join(base, shard)
-        if not os.path.isfile(shard_path):
-            raise FormatError(f"shard {shard!r} named in the index is missing", index)
-        shards[shard] = load_file(shard_path)
+    shards: list[Shard] = []
     tensors: list[Tensor] = []
     owner: dict[str, str] = {}
-    for shard, ckpt in shards.items():
+    for file in sorted(set(weight_map.values()), key=shard_order):
+        shard_path = os.path.join(base, file)
+        if not os.path.isfile(shard_path):
+            raise FormatError(f"shard {file!r} named in the index is missing", index)
+        if sniff(shard_path) not in ("safetensors", "pt", "pt-legacy"):
+            raise FormatError(f"shard {file!r} is neither safetensors nor a PyTorch file", index)
+        ckpt = load_file(shard_path)
         for t in ckpt.tensors:
             if t.name in owner:
-                raise FormatError(f"tensor {t.name!r} is in both {owner[t.name]!r} and {shard!r}", index)
-            owner[t.name] = shard
+                raise FormatError(f"tensor {t.name!r} is in both {owner[t.name]!r} and {file!r}", index)
+            owner[t.name] = file
             tensors.append(t)
-    for name, shard in weight_map.items():
-        if owner.get(name) != shard:
-            raise FormatError(f"the index puts {name!r} in {shard!r}, which does not hold it", index)
-    first = next(iter(shards.values()), None)
+        shards.append(Shard(file, ckpt, [row_state(t) for t in ckpt.tensors]))
+    for name, file in weight_map.items():
+        if owner.get(name) != file:
+            raise FormatError(f"the index puts {name!r} in {file!r}, which does not hold it", index)
+    first = shards[0].ckpt if shards else None
     shard_format = "pt" if first is None or first.format.startswith("pt") else first.format
     metadata = dict(first.metadata) if first is not None else {}
-    return Checkpoint(source, "sharded", tensors, metadata, extra={"index": index, "shard_format": shard_format})
+    extra = ShardedSource(index, shard_format, index_metadata, shards)
+    return Checkpoint(source, "sharded", tensors, metadata, extra=extra)
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as `2GB`, `500MB`, `1.5GiB` or `1000000` (decimal units, as transformers)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in UNITS or float(m.group(1)) * UNITS[unit] < 1:
+        raise UsageError(f"invalid size {text!r}: a positive number of bytes, or with a unit such as 2GB or 500MiB")
+    return int(float(m.group(1)) * UNITS[unit])
+
+
+def index_path(target: str, fmt: str) -> str:
+    """The index to write for TARGET: an `*.index.json` path itself; in a directory, the index it
+    holds or transformers' name for FMT; beside a file path, that path plus `.index.json`."""
+    if target.endswith(INDEX_SUFFIX):
+        return target
+    if os.path.isdir(target) or target.endswith(("/", os.sep)):
+        found = glob.glob(os.path.join(glob.escape(target), "*" + INDEX_SUFFIX))
+        if len(found) > 1:
+            raise UsageError(f"{len(found)} *.index.json files in {target!r}: name the index to write")
+        return found[0] if found else os.path.join(target, DEFAULT_INDEX[fmt])
+    return target + INDEX_SUFFIX
+
+
+def shard_names(index: str, fmt: str, count: int) -> list[str]:
+    """transformers' names: `model.safetensors.index.json` -> `model-00001-of-00003.safetensors`."""
+    from paramctl.formats import EXTENSIONS
+
+    stem = os.path.basename(index)[: -len(INDEX_SUFFIX)]
+    root, ext = os.path.splitext(stem)
+    if EXTENSIONS.get(ext.lower()) != fmt:  # `model.index.json`: the format's own extension
+        root, ext = stem, SHARD_FORMATS[fmt]
+    return [f"{root}-{i:05d}-of-{count:05d}{ext}" for i in range(1, count + 1)]
+
+
+def split(tensors: list[Tensor], max_size: int) -> list[list[Tensor]]:
+    """Consecutive runs of TENSORS of at most MAX_SIZE bytes (a larger tensor alone), each tie
+    group in the shard of its first name, counted once; the table's order is kept."""
+    shards: list[list[Tensor]] = []
+    size = 0
+    home: dict[str, int] = {}
+    for t in tensors:
+        if t.tie is not None and t.tie in home:
+            shards[home[t.tie]].append(t)
+            continue
+        if not shards or (size and size + t.nbytes > max_size):
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+        if t.tie is not None:
+            home[t.tie] = len(shards) - 1
+    return shards
+
+
+def keep_layout(ckpt: Checkpoint, source: ShardedSource) -> list[tuple[Shard, list[Tensor]]]:
+    """Each source shard with the rows it holds now: a row stays in the shard it was read from,
+    a tie group joins the shard of its first name, and a new row the shard of the row before it."""
+    slot_of = {id(state[0]): i for i, shard in enumerate(source.shards) for state in shard.rows}
+    groups: list[list[Tensor]] = [[] for _ in source.shards]
+    tie_slot: dict[str, int] = {}
+    slot = 0
+    for t in ckpt.tensors:
+        slot = slot_of.get(id(t), slot)
+        if t.tie is not None:
+            slot = tie_slot.setdefault(t.tie, slot)
+        groups[slot].append(t)
+    return [(shard, rows) for shard, rows in zip(source.shards, groups) if rows]
+
+
+@dataclass
+class Planned:
+    """One shard of the output: FILE (relative to the index) holds ROWS. SOURCE is the shard they
+    were read from, UNCHANGED when its rows are as read; KEEP when that file is the output as is."""
+
+    file: str
+    rows: list[Tensor]
+    source: Shard | None
+    unchanged: bool = False
+    keep: bool = False
+
+
+def plan(ckpt: Checkpoint, index: str, fmt: str, shard_size: int | None) -> list[Planned]:
+    """The output's shards: a sharded source keeps its layout (unless SHARD_SIZE re-splits it),
+    reusing its unchanged shards in place or in the same directory; else transformers' split."""
+    source = ckpt.extra if isinstance(ckpt.extra, ShardedSource) else None
+    groups: list[tuple[Shard | None, list[Tensor]]]
+    if source is None or shard_size is not None:
+        groups = [(None, rows) for rows in split(ckpt.tensors, shard_size or DEFAULT_SHARD_SIZE)]
+    else:
+        groups = list(keep_layout(ckpt, source))
+    planned = [Planned(name, rows, shard) for name, (shard, rows) in zip(shard_names(index, fmt, len(groups)), groups)]
+    if source is None:
+        return planned
+    in_place = os.path.realpath(index) == os.path.realpath(source.index)
+    same_dir = os.path.dirname(os.path.realpath(index)) == os.path.dirname(os.path.realpath(source.index))
+    if in_place and fmt != source.shard_format:
+        raise UsageError(
+            f"--in-place keeps the {source.shard_format} shards: write {fmt} shards with -o NEW.index.json"
+        )
+    for p in planned:
+        if p.source is not None:
+            p.unchanged = fmt == source.shard_format and p.source.rows == [row_state(t) for t in p.rows]
+            if in_place or (same_dir and p.unchanged):
+                p.file, p.keep = p.source.file, p.unchanged
+    inputs = {s.file for s in source.shards}
+    for p in planned:
+        if same_dir and not in_place and not p.keep and p.file in inputs:
+            raise UsageError(
+                f"writing {p.file!r} would overwrite a shard of {source.index}: choose another index name "
+                "or directory, or use --in-place"
+            )
+    return planned
+
+
+def save(ckpt: Checkpoint, target: str, fmt: str, shard_size: int | None = None) -> None:
+    """Write CKPT as shards plus an index at (or for) TARGET; only changed shards are written.
+
+    Every file goes to a temporary name first; the shards are renamed into place once all are
+    written, then the index. With --in-place, shards the new index no longer names are removed.
+    """
+    from paramctl.formats import atomic_path
+
+    if fmt not in SHARD_FORMATS:
+        raise UsageError(f"shards are safetensors or .bin files, not {fmt}")
+    if target == "-":
+        raise UsageError("a sharded checkpoint is several files: name an index path or a directory, not '-'")
+    index = index_path(target, fmt)
+    directory = os.path.dirname(os.path.abspath(index))
+    source = ckpt.extra if isinstance(ckpt.extra, ShardedSource) else None
+    source_dir = os.path.dirname(source.index) if source is not None else directory
+    planned = plan(ckpt, index, fmt, shard_size)
+    made_directory = not os.path.isdir(directory)
+    os.makedirs(directory, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    try:
+        with contextlib.ExitStack() as stack:
+            index_tmp = stack.enter_context(atomic_path(index))  # entered first: renamed last
+            for p in planned:
+                if p.keep:
+                    written = os.path.join(directory, p.file)
+                else:
+                    written = stack.enter_context(atomic_path(os.path.join(directory, p.file)))
+                    if p.unchanged and p.source is not None:
+                        shutil.copyfile(os.path.join(source_dir, p.source.file), written)
+                    else:
+                        write_shard(ckpt, p, fmt, written)
+                weight_map.update(dict.fromkeys(stored_names(written, fmt, p.rows), p.file))
+            stored = [t for t in ckpt.tensors if t.tie in (None, t.name)]  # a tie group once
+            metadata = dict(source.metadata if source is not None else {})
+            metadata["total_size"] = sum(t.nbytes for t in stored)
+            if "total_parameters" in metadata:  # newer transformers record it too
+                metadata["total_parameters"] = sum(t.numel for t in stored)
+            with open(index_tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
+    except BaseException:
+        if made_directory:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        raise
+    if source is not None and os.path.realpath(index) == os.path.realpath(source.index):
+        for shard in source.shards:  # in place: what the new index no longer names goes
+            if shard.file not in weight_map.values():
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, shard.file))
+
+
+def write_shard(ckpt: Checkpoint, p: Planned, fmt: str, path: str) -> None:
+    from paramctl.formats import _writer
+
+    if fmt == "safetensors":
+        metadata = dict(p.source.ckpt.metadata if p.source is not None else ckpt.metadata)
+        metadata.setdefault("format", "pt")  # transformers refuses safetensors metadata without it
+        shard = Checkpoint(ckpt.source, "safetensors", p.rows, metadata)
+    elif p.source is not None and p.source.ckpt.format.startswith("pt"):
+        # a .bin shard keeps its own object; a row read from another shard is placed by its name
+        from paramctl.formats.pytorch import POSITION
+
+        own = {id(state[0]) for state in p.source.rows}
+        rows = [t if id(t) in own else replace(t, attrs={**t.attrs, POSITION: None}) for t in p.rows]
+        shard = Checkpoint(ckpt.source, p.source.ckpt.format, rows, extra=p.source.ckpt.extra)
+    else:
+        shard = Checkpoint(ckpt.source, "pt", p.rows)
+    _writer(fmt)(shard, path)
+
+
+def stored_names(path: str, fmt: str, rows: list[Tensor]) -> list[str]:
+    """The names a shard's loader returns: a safetensors header's keys (a tie's other names are
+    declared aliases, which `load_file` leaves out); every name for a .bin shard."""
+    if fmt == "safetensors":
+        from paramctl.formats.safetensors import read_header
+
+        header, _ = read_header(path)
+        return [name for name in header if name != "__metadata__"]
+    return [t.name for t in rows]

@@ -1,0 +1,294 @@
+"""Editing names and dtypes: rename, rm, cast."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+
+import click
+
+from paramctl import output
+from paramctl.cli import (
+    checkpoint_argument,
+    cli,
+    load,
+    output_options,
+    output_target,
+    pattern_options,
+    selected,
+    shard_size_option,
+    write_checkpoint,
+    write_options,
+)
+from paramctl.dtypes import FLOATING, check_name, numpy_dtype
+from paramctl.errors import UsageError
+from paramctl.table import Checkpoint, Tensor
+
+dry_run_option = click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
+
+
+@dataclass
+class Substitution:
+    """A sed-style `s/REGEX/REPLACEMENT/FLAGS` with Python's regular expressions."""
+
+    text: str
+    pattern: re.Pattern[str]
+    replacement: str
+    count: int  # 1: the first match, as sed does; 0: every match (flag g)
+
+    def apply(self, name: str) -> str:
+        try:
+            return self.pattern.sub(self.replacement, name, count=self.count)
+        except (re.error, IndexError) as e:
+            raise UsageError(f"invalid replacement in {self.text!r}: {e}") from None
+
+
+def parse_substitution(text: str) -> Substitution:
+    """`s/REGEX/REPL/` with any delimiter (`s|a/b|c|`); a backslash before the delimiter makes it
+    literal; flags `g` (every match, not just the first) and `i` (ignore case)."""
+    usage = f"expected s/REGEX/REPLACEMENT/ (flags g, i), got {text!r}"
+    if len(text) < 2 or text[0] != "s" or text[1].isalnum() or text[1] in "\\ \n":
+        raise UsageError(usage)
+    delimiter = text[1]
+    parts: list[str] = []
+    current, i = "", 2
+    while i < len(text):
+        if text[i] == "\\" and text[i + 1 : i + 2] == delimiter:
+            # literal in the replacement; escaped in the regex, where it may be special (`|`)
+            current += re.escape(delimiter) if not parts else delimiter
+            i += 2
+        elif text[i] == "\\":
+            current += text[i : i + 2]
+            i += 2
+        elif text[i] == delimiter:
+            parts.append(current)
+            current, i = "", i + 1
+        else:
+            current += text[i]
+            i += 1
+    parts.append(current)
+    if len(parts) != 3 or set(parts[2]) - set("gi"):
+        raise UsageError(usage)
+    regex, replacement, flags = parts
+    try:
+        pattern = re.compile(regex, re.IGNORECASE if "i" in flags else 0)
+    except re.error as e:
+        raise UsageError(f"invalid pattern {regex!r} in {text!r}: {e}") from None
+    return Substitution(text, pattern, replacement, 0 if "g" in flags else 1)
+
+
+def new_names(ckpt: Checkpoint, substitutions: list[Substitution]) -> dict[str, str]:
+    """old -> new for every name the substitutions change, each applied in turn, as sed -e does."""
+    renames = {}
+    for t in ckpt.tensors:
+        name = t.name
+        for s in substitutions:
+            name = s.apply(name)
+        if name != t.name:
+            renames[t.name] = name
+    return renames
+
+
+def warn_keras(ckpt: Checkpoint, target: str | None, to: str | None) -> None:
+    """Keras finds weights by their paths (and legacy files by layer_names/weight_names lists)."""
+    from paramctl.formats import output_format
+
+    if ckpt.format in ("hdf5", "keras") and output_format(target or "-", ckpt, to) in ("hdf5", "keras"):
+        output.note("warning: Keras loads weights by their paths: the model that wrote this file will not load it")
+
+
+@cli.command("rename")
+@checkpoint_argument
+@click.argument("expression", metavar="s/REGEX/REPL/", required=False)
+@click.option("-e", "expressions", multiple=True, metavar="s/REGEX/REPL/", help="Another substitution (repeatable).")
+@dry_run_option
+@output_options
+@write_options
+@shard_size_option
+def rename_command(
+    ckpt: str,
+    expression: str | None,
+    expressions: tuple[str, ...],
+    dry_run: bool,
+    fmt: str | None,
+    output_path: str | None,
+    in_place: bool,
+    to: str | None,
+    shard_size: int | None,
+) -> None:
+    """Rename tensors with sed-style substitutions on their names (Python regular expressions).
+
+    Each name goes through every substitution in turn; a rename that would give two tensors one
+    name is an error naming both, and nothing is written. The replacement refers to groups as
+    \\1 or \\g<name>. Flags: g (every match, not just the first), i (ignore case). Ties stay ties;
+    in a .pt the tensor keeps its place in the saved object under its new key.
+
+    \b
+    Example:
+      paramctl rename ddp.pt 's/^module\\.//' -o model.pt
+      paramctl rename model.safetensors 's/^(encoder|decoder)\\.layer\\./\\1.layers./' --dry-run
+    """
+    texts = ([expression] if expression else []) + list(expressions)
+    if not texts:
+        raise UsageError("give a substitution: paramctl rename CKPT 's/REGEX/REPLACEMENT/' [-e ...]")
+    substitutions = [parse_substitution(t) for t in texts]
+    table = load(ckpt)
+    renames = new_names(table, substitutions)
+    table.rename(renames)  # refuses merges before anything is printed or written
+    if dry_run:
+        rows = [{"old": old, "new": new} for old, new in renames.items()]
+        output.emit(rows, ["old", "new"], fmt, title=f"{ckpt}: {len(rows)} renamed")
+        return
+    target = output_target(ckpt, output_path, in_place)
+    if not renames:
+        output.note(f"warning: no name in {ckpt} matches; writing it unchanged")
+    else:
+        warn_keras(table, target, to)
+    write_checkpoint(table, target, to, shard_size)
+
+
+@cli.command("rm")
+@checkpoint_argument
+@click.argument("pattern")
+@click.option("--exclude", "-x", multiple=True, metavar="PATTERN", help="Keep names matching PATTERN (repeatable).")
+@dry_run_option
+@output_options
+@write_options
+@shard_size_option
+def rm_command(
+    ckpt: str,
+    pattern: str,
+    exclude: tuple[str, ...],
+    dry_run: bool,
+    fmt: str | None,
+    output_path: str | None,
+    in_place: bool,
+    to: str | None,
+    shard_size: int | None,
+) -> None:
+    """Remove the tensors whose names match PATTERN (a regular expression, searched as grep does).
+
+    A name that matches nothing is an error, and nothing is written. Removing one name of a tie
+    leaves the others; in a .pt the entry leaves the saved object.
+
+    \b
+    Example:
+      paramctl rm model.ckpt '^optimizer_states\\.' -o weights.ckpt
+      paramctl rm model.safetensors 'lm_head' --dry-run
+    """
+    table = load(ckpt)
+    gone = table.select(pattern, exclude)
+    if not gone:
+        raise UsageError(f"no tensor matches {pattern!r}; nothing written", ckpt)
+    if dry_run:
+        rows = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in gone]
+        output.emit(rows, ["name", "shape", "dtype"], fmt, title=f"{ckpt}: {len(rows)} removed")
+        return
+    table.remove(gone)
+    if output.stderr_is_terminal():
+        output.note(f"removed {len(gone)} of {len(gone) + len(table)} tensors")
+    target = output_target(ckpt, output_path, in_place)
+    warn_keras(table, target, to)
+    write_checkpoint(table, target, to, shard_size)
+
+
+@cli.command("cast")
+@checkpoint_argument
+@pattern_options
+@click.option("--dtype", "dtype", required=True, metavar="D", help="The new dtype (float16, bfloat16, float32, ...).")
+@click.option("--all", "all_dtypes", is_flag=True, help="Cast integer, bool and complex tensors too.")
+@dry_run_option
+@output_options
+@write_options
+@shard_size_option
+def cast_command(
+    ckpt: str,
+    pattern: str | None,
+    exclude: tuple[str, ...],
+    dtype: str,
+    all_dtypes: bool,
+    dry_run: bool,
+    fmt: str | None,
+    output_path: str | None,
+    in_place: bool,
+    to: str | None,
+    shard_size: int | None,
+) -> None:
+    """Cast the real floating tensors (all of them with --all) to another dtype.
+
+    A cast that loses range is named on stderr with a count: finite values beyond the new
+    dtype's range (they become inf, or NaN in float8_e4m3fn), non-zero values that become 0, and
+    for integer dtypes, values outside the range or not finite. Ties stay ties.
+
+    \b
+    Example:
+      paramctl cast model.safetensors --dtype bfloat16 -o model.bf16.safetensors
+      paramctl cast model.pt 'weight$' --dtype float16 --dry-run
+    """
+    import numpy as np
+
+    check_name(dtype)
+    table = load(ckpt)
+    chosen = selected(table, pattern, exclude)
+    tensors = [t for t in chosen if all_dtypes or (t.dtype in FLOATING and not t.dtype.startswith("complex"))]
+    if pattern and len(tensors) < len(chosen):
+        output.note(f"leaving {len(chosen) - len(tensors)} non-floating tensor(s) as they are (cast them with --all)")
+    losses: dict[str, tuple[int, int]] = {}
+    measured: dict[tuple, tuple[int, int]] = {}
+    for t in tensors:
+        if t.dtype != dtype and t.view_key() not in measured:  # a tie is measured once, under its first name
+            measured[t.view_key()] = losses[t.name] = range_losses(t, dtype)
+    if dry_run:
+        rows = []
+        for t in tensors:
+            if t.dtype != dtype:
+                beyond, to_zero = losses.get(t.name, (0, 0))
+                rows.append({"name": t.name, "from": t.dtype, "to": dtype, "beyond": beyond, "to_zero": to_zero})
+        output.emit(rows, ["name", "from", "to", "beyond", "to_zero"], fmt, title=f"{ckpt}: cast to {dtype}")
+        return
+    for name, (beyond, to_zero) in losses.items():
+        if beyond:
+            output.note(f"warning: {name}: {beyond} value(s) beyond the range of {dtype} ({range_text(dtype)})")
+        if to_zero:
+            output.note(f"warning: {name}: {to_zero} non-zero value(s) become 0 in {dtype}")
+    with np.errstate(over="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # overflows are counted above; complex -> real is what --all asked
+        table.cast(tensors, dtype)
+    write_checkpoint(table, output_target(ckpt, output_path, in_place), to, shard_size)
+
+
+def range_losses(t: Tensor, dtype: str) -> tuple[int, int]:
+    """How many of T's values DTYPE cannot hold: (beyond its range, non-zero becoming zero), streamed.
+
+    For a floating DTYPE, finite values that the cast makes inf or NaN, and non-zero values it
+    makes 0; for an integer DTYPE, values outside its range, or NaN or inf; bool holds anything.
+    """
+    import numpy as np
+
+    target = numpy_dtype(dtype)
+    if target.kind == "b":
+        return 0, 0
+    wide = np.complex128 if target.kind == "c" else np.float64
+    beyond = to_zero = 0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for chunk in t.chunks():
+            source = chunk.real if chunk.dtype.kind == "c" and target.kind != "c" else chunk
+            values = source.astype(wide)
+            if target.kind in "iu":
+                info = np.iinfo(target)
+                beyond += int(np.count_nonzero(~((values >= info.min) & (values <= info.max))))
+                continue
+            cast = source.astype(target).astype(wide)
+            beyond += int(np.count_nonzero(np.isfinite(values) & ~np.isfinite(cast)))
+            to_zero += int(np.count_nonzero((values != 0) & (cast == 0)))
+    return beyond, to_zero
+
+
+def range_text(dtype: str) -> str:
+    import ml_dtypes
+    import numpy as np
+
+    target = numpy_dtype(dtype)
+    info = np.iinfo(target) if target.kind in "iu" else ml_dtypes.finfo(target)
+    return f"{info.min:g} to {info.max:g}"

@@ -1,0 +1,181 @@
+"""Changing values: reinit (named and custom initializers) and set (direct edits)."""
+
+from __future__ import annotations
+
+import click
+
+from paramctl import output
+from paramctl.cli import cli, load, output_target, pattern_options, write_checkpoint, write_options
+from paramctl.errors import UsageError
+from paramctl.init import LAYOUTS, Step, known_initializers
+from paramctl.table import Checkpoint, Tensor
+
+
+@cli.command("reinit", epilog=f"Initializers: {known_initializers()}.")
+@click.argument("ckpt", metavar="[CKPT]", required=False, default="-")
+@pattern_options
+@click.option(
+    "--init",
+    "spec",
+    required=True,
+    metavar="SPEC",
+    help="A name or a call with literal arguments ('xavier', 'normal(std=0.01)'), or a custom "
+    "initializer FILE.py:FUNC or MODULE:FUNC.",
+)
+@click.option("--seed", type=int, metavar="N", help="Draw each tensor from a generator seeded by (N, its name).")
+@click.option("--layout", type=click.Choice(LAYOUTS), help="Whose fans: torch (out, in, *k) or keras (*k, in, out).")
+@click.option("--dry-run", is_flag=True, help="Print the plan only; write nothing.")
+@write_options
+def reinit_command(
+    ckpt: str,
+    pattern: str | None,
+    exclude: tuple[str, ...],
+    spec: str,
+    seed: int | None,
+    layout: str | None,
+    dry_run: bool,
+    output_path: str | None,
+    in_place: bool,
+    to: str | None,
+) -> None:
+    """Re-initialize parameters with a named or custom initializer.
+
+    CKPT defaults to standard input when it is not a terminal, and the result goes to standard
+    output when it is not one; use '-' for CKPT to pipe a checkpoint in with a PATTERN.
+
+    Without PATTERN, weights get SPEC; biases, betas and running means get 0; norm scales and
+    running variances get 1; integer tensors and optimizer state are kept. With PATTERN, every
+    selected tensor gets SPEC, and one it cannot take is an error. Fans follow the file's
+    framework (PyTorch for .pt and safetensors, Keras for HDF5); a tied tensor is re-initialized
+    once and stays tied. The plan goes to standard error.
+
+    A custom initializer is called as FUNC(tensor, name=, generator=, fan_in=, fan_out=) and
+    fills the float32 tensor in place or returns one of the same shape.
+
+    \b
+    Example:
+      paramctl reinit mlp.pt --init xavier --seed 0 -o fresh.pt
+      paramctl reinit mlp.pt '^2\\.weight$' --init 'constant(42)' --in-place
+      cat mlp.pt | paramctl reinit --init 'normal(std=0.01)' > fresh.pt
+      paramctl reinit mlp.pt --init examples/strange_init.py:strange --dry-run
+    """
+    import secrets
+
+    from paramctl.init import default_layout, parse_spec, plan, reinitialize
+
+    initializer = parse_spec(spec)
+    target = None if dry_run else output_target(ckpt, output_path, in_place)
+    table = load(ckpt)
+    tensors = table.select(pattern, exclude)
+    if not tensors:
+        raise UsageError("no tensor matches" if pattern or exclude else "no tensors", table.source)
+    layout = layout or default_layout(table)
+    random_seed = seed is None
+    if seed is None:
+        seed = secrets.randbits(32)
+    steps = plan(table, initializer, tensors, layout, by_pattern=pattern is not None)
+    changing = [s for s in steps if s.init is not None]
+    heading = f"{table.source}: re-initializing {len(changing)} of {len(steps)} tensors, layout {layout}, seed {seed}"
+    output.note(heading + (f" (random: --seed {seed} repeats it)" if random_seed else ""))
+    for line in plan_lines(table, steps):
+        output.note("  " + line)
+    if not changing:
+        raise UsageError("nothing selected can be re-initialized", table.source)
+    if dry_run:
+        return
+    reinitialize(table, steps, seed)
+    write_checkpoint(table, target, to)
+
+
+def plan_lines(table: Checkpoint, steps: list[Step]) -> list[str]:
+    """The plan as aligned columns: tensor, shape, role, initializer, fans."""
+    rows = [["tensor", "shape", "role", "init", "fan_in", "fan_out"]]
+    for step in steps:
+        t = step.tensor
+        tied = [u.name for u in table if u.tie is not None and u.tie == t.tie and u is not t]
+        fans = step.target.fans if step.init is not None else None
+        rows.append(
+            [
+                t.name + (f" (= {', '.join(tied)})" if tied else ""),
+                output.shape_text(t.shape),
+                step.target.role,
+                step.init.label if step.init is not None else f"keep ({step.why})",
+                str(fans[0]) if fans else "-",
+                str(fans[1]) if fans else "-",
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+@cli.command("set", context_settings={"ignore_unknown_options": True})  # VALUE may be negative: -1
+@click.argument("ckpt", metavar="CKPT")
+@click.argument("where", metavar="NAME[INDEX] | PATTERN")
+@click.argument("value", required=False)
+@click.option("--expr", "-e", metavar="EXPR", help="Set each selected tensor to EXPR, an expression in x (its values).")
+@click.option(
+    "--exclude", "-x", multiple=True, metavar="PATTERN", help="With --expr: leave out names matching PATTERN."
+)
+@write_options
+def set_command(
+    ckpt: str,
+    where: str,
+    value: str | None,
+    expr: str | None,
+    exclude: tuple[str, ...],
+    output_path: str | None,
+    in_place: bool,
+    to: str | None,
+) -> None:
+    """Set values directly: one tensor, or the part INDEX selects, to VALUE; or every tensor
+    PATTERN selects to an expression of its values x.
+
+    INDEX is numpy indexing with integers, slices and '...'. VALUE is a number or a nested
+    list, broadcast over the selection. EXPR uses x, numbers, pi, e, nan, inf, + - * / // % **,
+    comparisons, 'a if c else b' and abs sign sqrt exp log log2 log10 log1p expm1 sin cos tan
+    tanh floor ceil round trunc isnan isinf isfinite minimum maximum clip where; it is parsed,
+    never run as Python. Values are computed in float64 (integers: int64) and cast back to the
+    tensor's dtype; integer tensors only take integers. A tied tensor changes under every name.
+
+    \b
+    Example:
+      paramctl set mlp.pt '0.weight[0, 0]' 42 -o edited.pt
+      paramctl set mlp.pt '0.bias[:3]' '[1, 2, 3]' -o edited.pt
+      paramctl set mlp.pt '^0\\.weight$' --expr 'x + 1' -o edited.pt
+      paramctl set mlp.pt weight --expr 'where(abs(x) < 0.01, 0, x)' --in-place
+    """
+    from paramctl.init import Edit, Expression, edited_values, find_edit
+
+    if (value is None) == (expr is None):
+        raise UsageError("give either VALUE or --expr EXPR")
+    expression = Expression(expr, allow_x=True) if expr is not None else Expression(value or "", allow_x=False)
+    target = output_target(ckpt, output_path, in_place)
+    table = load(ckpt)
+    edit = find_edit(table, where)
+    if edit is not None:
+        edits = [edit]
+    elif expr is None:
+        hint = "NAME[INDEX] names one tensor; a PATTERN needs --expr"
+        raise UsageError(f"no tensor named {where!r} ({hint})", table.source)
+    else:
+        edits = [Edit(t, ()) for t in once_per_tie(table.select(where, exclude))]
+        if not edits:
+            raise UsageError(f"no tensor matches {where!r}", table.source)
+    results = [(e, *edited_values(e, expression)) for e in edits]  # all checked before any is changed
+    for e, values, count, broken in results:
+        table.assign(e.tensor, values)
+        output.note(f"{e.label}: {count} value{'s' if count != 1 else ''} set to {expression.text}")
+        if broken:
+            output.note(f"warning: {e.label}: {broken} value(s) became NaN or infinite in {e.tensor.dtype}")
+    write_checkpoint(table, target, to)
+
+
+def once_per_tie(tensors: list[Tensor]) -> list[Tensor]:
+    """TENSORS with each tied tensor once: an edit to one name is an edit to all of them."""
+    seen = set()
+    unique = []
+    for t in tensors:
+        if t.view_key() not in seen:
+            seen.add(t.view_key())
+            unique.append(t)
+    return unique
