@@ -34,4 +34,5 @@ def pytest_terminal_summary(terminalreporter) -> None:
     fuzz = sys.modules.get("test_fuzz")
     for fmt, counts in sorted(getattr(fuzz, "OUTCOMES", {}).items()):
         total = sum(counts.values())
-        terminalreporter.write_line(f"fuzz {fmt}: {total} cases, {counts['table']} tables, {counts['error']} clean errors")
+        tables, errors = counts["table"], counts["error"]
+        terminalreporter.write_line(f"fuzz {fmt}: {total} cases, {tables} tables, {errors} clean errors")

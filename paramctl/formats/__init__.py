@@ -82,6 +82,8 @@ def load(path: str) -> Checkpoint:
         ckpt = _reader(sniff(path))(path, source)
     except OSError as e:
         raise FormatError(e.strerror or str(e), source) from None
+    except RecursionError:
+        raise FormatError("nests too deeply", source) from None
     except ParamctlError as e:
         if e.path == path != source:
             raise e.about(source) from None

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import pickle
-import re
-import zipfile
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from paramctl.dtypes import TORCH_STORAGES, from_torch, itemsize, torch_dtype
+from paramctl.dtypes import TORCH_STORAGES, itemsize, torch_dtype
 from paramctl.errors import FormatError, UnsafeContentError, UsageError
-from paramctl.formats.zipfiles import member_storage, zip_members
+from paramctl.formats.zipfiles import ZIP_ERRORS, member_storage, zip_members
 from paramctl.table import Checkpoint, Storage, Tensor
 
 POSITION = "position"  # Tensor.attrs key: the keys leading to the tensor in the object it was read from
@@ -68,9 +67,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad, dtype=
         raise FormatError(f"tensor record with an invalid size {size!r:.80} or stride {stride!r:.80}")
     if storage.nbytes % itemsize(dtype):
         raise FormatError(f"storage {storage.key!r} of {storage.nbytes} bytes is not a whole number of {dtype}")
-    return Tensor(
-        "", shape, dtype, storage.storage, storage_offset, strides, attrs={"requires_grad": bool(requires_grad)}
-    )
+    offset = storage.offset + storage_offset
+    return Tensor("", shape, dtype, storage.storage, offset, strides, attrs={"requires_grad": bool(requires_grad)})
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None):
@@ -155,16 +153,20 @@ class _StorageRef:
     dtype: str | None
     nbytes: int
     storage: Storage
+    offset: int = 0  # elements: a legacy storage view starts inside its root storage
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Admits only ADMITTED globals; storages resolve to regions of the zip through STORAGES."""
+    """Admits only ADMITTED globals. Zip format: storages resolve to the members in STORAGES.
+    Legacy format (STORAGES None): each storage becomes a region whose place in the file is
+    known only after the object, so `legacy` collects them for `load_legacy` to locate."""
 
-    def __init__(self, file: BinaryIO, storages: dict[str, Storage], path: str):
+    def __init__(self, file: BinaryIO, storages: dict[str, Storage] | None, path: str):
         super().__init__(file, encoding="utf-8")
         self.storages = storages
         self.path = path
         self.refs: dict[str, _StorageRef] = {}
+        self.legacy: dict[str, _StorageRef] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         key = f"{module}.{name}"
@@ -173,7 +175,11 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise UnsafeContentError(f"refuses to load: pickle global {key} is not allowed", self.path)
 
     def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)):
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)):
+            raise FormatError(f"unknown persistent id {pid!r:.80}", self.path)
+        if self.storages is None and len(pid) == 6:
+            return self.legacy_storage(*pid[1:])
+        if self.storages is None or len(pid) != 5:
             raise FormatError(f"unknown persistent id {pid!r:.80}", self.path)
         _, stype, key, _location, _numel = pid
         key = str(key)
@@ -184,10 +190,34 @@ class RestrictedUnpickler(pickle.Unpickler):
             self.refs[key] = _StorageRef(key, stype.dtype, storage.nbytes, storage)
         return self.refs[key]
 
+    def legacy_storage(self, stype: StorageType, key: Any, _location: Any, numel: Any, view: Any) -> _StorageRef:
+        if stype.dtype is None or type(numel) is not int or numel < 0:
+            raise FormatError(f"invalid legacy storage record for {key!r:.40}", self.path)
+        key = str(key)
+        if key not in self.legacy:
+            nbytes = numel * itemsize(stype.dtype)
+            self.legacy[key] = _StorageRef(key, stype.dtype, nbytes, Storage(nbytes, path=self.path))
+        root = self.legacy[key]
+        if view is None:
+            return root
+        if not (isinstance(view, tuple) and len(view) == 3 and all(type(v) is int for v in view[1:])):
+            raise FormatError(f"invalid legacy storage view {view!r:.80}", self.path)
+        _, offset, size = view
+        if offset < 0 or size < 0 or (offset + size) * itemsize(stype.dtype) > root.nbytes:
+            raise FormatError(f"legacy storage view {view!r:.80} lies outside its storage", self.path)
+        return _StorageRef(key, stype.dtype, size * itemsize(stype.dtype), root.storage, offset)
 
-def unpickle(data: bytes, storages: dict[str, Storage], path: str) -> Any:
+
+def unpickle(data: bytes | BinaryIO, storages: dict[str, Storage] | None, path: str) -> Any:
+    """The restricted unpickler's result, any failure as FormatError (UnsafeContentError for a
+    refused global)."""
+    return load_with(RestrictedUnpickler(io.BytesIO(data) if isinstance(data, bytes) else data, storages, path))
+
+
+def load_with(unpickler: RestrictedUnpickler) -> Any:
+    path = unpickler.path
     try:
-        return RestrictedUnpickler(io.BytesIO(data), storages, path).load()
+        return unpickler.load()
     except FormatError as e:
         if e.path is None:
             raise FormatError(str(e), path) from None
@@ -208,16 +238,16 @@ def load_zip(path: str, source: str) -> Checkpoint:
         raise FormatError("not a PyTorch checkpoint: no single <top>/data.pkl in the archive", path)
     top = pickles[0][: -len("data.pkl")]
     byteorder = members.get(top + "byteorder")
-    if byteorder is not None and zf.read(byteorder).strip() not in (b"little", b""):
-        raise FormatError("big-endian checkpoints are not supported", path)
     try:
+        if byteorder is not None and zf.read(byteorder).strip() not in (b"little", b""):
+            raise FormatError("big-endian checkpoints are not supported", path)
         storages = {
             name[len(top) + 5 :]: member_storage(zf, info, path)
             for name, info in members.items()
             if name.startswith(top + "data/")
         }
         data = zf.read(members[pickles[0]])
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except ZIP_ERRORS as e:
         raise FormatError(f"invalid zip archive: {e}", path) from None
     obj = unpickle(data, storages, path)
     return Checkpoint(source, "pt", name_tensors(obj, path), extra=obj)
@@ -270,54 +300,39 @@ def dotted(keys: tuple) -> str:
 # --- the legacy format, through torch ------------------------------------------------------------
 
 
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+
+
 def load_legacy(path: str, source: str) -> Checkpoint:
-    """The pre-1.6 format: torch.load(weights_only=True) is the safe reader for it."""
-    import torch
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        blocked = re.search(r"GLOBAL (\S+)", str(e))
-        what = f"pickle global {blocked.group(1)} is not allowed" if blocked else "the pickle is not weights-only"
-        raise UnsafeContentError(f"refuses to load: {what}", path) from None
-    except Exception as e:
-        raise FormatError(f"invalid legacy PyTorch file: {type(e).__name__}: {e}", path) from None
-    storages: dict[int, Storage] = {}
-
-    def record(t: torch.Tensor) -> Tensor:
-        untyped = t.untyped_storage()
-        key = untyped.data_ptr()
-        if key not in storages:
-            raw = torch.empty(0, dtype=torch.uint8).set_(untyped).numpy().tobytes()
-            storages[key] = Storage(len(raw), buffer=raw)
-        row = Tensor("", tuple(t.shape), from_torch(t.dtype), storages[key], int(t.storage_offset()), tuple(t.stride()))
-        row.attrs.update(requires_grad=t.requires_grad, parameter=isinstance(t, torch.nn.Parameter))
-        return row
-
-    obj = _map_tensors(obj, record)
+    """The pre-1.6 format, read without torch: a magic-number pickle, a protocol pickle, a
+    sys-info pickle, the object pickle (6-field storage ids), a pickled list of storage keys,
+    then per key an int64 element count and the raw bytes."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if unpickle(f, None, path) != LEGACY_MAGIC or unpickle(f, None, path) != LEGACY_PROTOCOL:
+            raise FormatError("not a PyTorch checkpoint: a pickle without torch's magic number", path)
+        info = unpickle(f, None, path)
+        if isinstance(info, dict) and info.get("little_endian") is False:
+            raise FormatError("big-endian checkpoints are not supported", path)
+        unpickler = RestrictedUnpickler(f, None, path)
+        obj = load_with(unpickler)
+        keys = unpickle(f, None, path)
+        if not isinstance(keys, list) or set(map(str, keys)) != set(unpickler.legacy):
+            raise FormatError("the storage list does not match the storages the object uses", path)
+        position = f.tell()
+        for key in map(str, keys):
+            ref = unpickler.legacy[key]
+            assert ref.dtype is not None  # legacy_storage refuses a storage without one
+            f.seek(position)
+            count = f.read(8)
+            if len(count) < 8 or int.from_bytes(count, "little", signed=True) * itemsize(ref.dtype) != ref.nbytes:
+                raise FormatError(f"storage {key!r} does not hold the {ref.nbytes} bytes its tensors need", path)
+            ref.storage.offset = position + 8
+            position += 8 + ref.nbytes
+            if position > size:
+                raise FormatError(f"truncated: storage {key!r} ends at byte {position} of {size}", path)
     return Checkpoint(source, "pt-legacy", name_tensors(obj, path), extra=obj)
-
-
-def _map_tensors(obj: Any, fn: Any) -> Any:
-    """OBJ with every torch tensor replaced by fn(tensor), containers rebuilt."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, dict):
-        out = type(obj)() if type(obj) in (dict, collections.OrderedDict) else {}
-        out.update((k, _map_tensors(v, fn)) for k, v in obj.items())
-        if hasattr(obj, "__dict__"):
-            out.__dict__.update(obj.__dict__)
-        return out
-    if isinstance(obj, list):
-        return [_map_tensors(v, fn) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return type(obj)(_map_tensors(v, fn) for v in obj) if type(obj) is tuple else obj
-    return obj
-
-
-# --- writing, through torch ---------------------------------------------------------------------
 
 
 def save(ckpt: Checkpoint, path: str) -> None:
