@@ -6,12 +6,13 @@ BIN = $(VENV)/bin
 STAMP = $(VENV)/.installed
 export KERAS_BACKEND = torch
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -m compileall -q paramctl  # bytecode up front: start-up stays fast even with PYTHONDONTWRITEBYTECODE
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,6 +26,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check paramctl tests sample_checkpoints examples bench
 	$(BIN)/ruff format --check paramctl tests sample_checkpoints examples bench
 	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m compileall -q paramctl
+	$(BIN)/python bench/bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

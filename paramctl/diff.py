@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from paramctl.stats import BLOCK, _pool
+from paramctl.stats import BLOCK, thread_pool
 from paramctl.table import CHUNK_ELEMENTS, Checkpoint, Tensor
 
 STATUSES = ("same", "values", "shape", "dtype", "only-a", "only-b")
@@ -131,7 +131,7 @@ def accumulate(a: Tensor, b: Tensor, tolerance: Tolerance | None, chunk: int = C
             continue
         # halves on two threads, as stats does: numpy releases the GIL
         half = x.size // 2 // BLOCK * BLOCK
-        for part in _pool().map(blocks_sums, (x[:half], x[half:]), (y[:half], y[half:]), (tolerance, tolerance)):
+        for part in thread_pool().map(blocks_sums, (x[:half], x[half:]), (y[:half], y[half:]), (tolerance, tolerance)):
             sums.merge(part)
     return sums
 

@@ -44,7 +44,7 @@ class Summary:
             self.merge(blocks_summary(chunk))
             return
         half = chunk.size // 2 // BLOCK * BLOCK
-        for part in _pool().map(blocks_summary, (chunk[:half], chunk[half:])):
+        for part in thread_pool().map(blocks_summary, (chunk[:half], chunk[half:])):
             self.merge(part)
 
     def merge(self, other: Summary) -> None:
@@ -122,7 +122,7 @@ def block_summary(block: np.ndarray) -> Summary:
 
 
 @cache
-def _pool() -> ThreadPoolExecutor:
+def thread_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=2, thread_name_prefix="paramctl-stats")
 
 
