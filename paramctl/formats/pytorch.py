@@ -366,7 +366,10 @@ def save(ckpt: Checkpoint, path: str) -> None:
         obj = _to_torch_objects(arrange(ckpt.extra, ckpt.tensors), convert)
     else:
         obj = collections.OrderedDict((t.name, convert(t)) for t in ckpt.tensors)
-    torch.save(obj, path)
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) this way
+        raise OSError(str(e).splitlines()[0]) from None
 
 
 # --- the object to write: the one read, rearranged to hold the table's rows -----------------------
