@@ -11,6 +11,7 @@ so that writing back keeps it.
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import os
@@ -169,6 +170,11 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.legacy: dict[str, _StorageRef] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        # protocol-2 pickles spell some globals the Python 2 way (__builtin__.eval): name them as
+        # Python 3 does, as the standard unpickler would resolve them
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         key = f"{module}.{name}"
         if key in ADMITTED:
             return ADMITTED[key]
