@@ -21,6 +21,9 @@ class ParamctlError(Exception):
         self.path = path
         super().__init__(f"{path}: {message}" if path else message)
 
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.message, self.path))
+
     def about(self, path: str) -> ParamctlError:
         """The same error, naming PATH (what the user typed) instead of the file actually read."""
         return type(self)(self.message, path)

@@ -12,11 +12,16 @@ attributes: loading is positional, so those rows come in the listed order.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
 import os
+import pickle
 import re
+import select
+import signal
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -132,6 +137,52 @@ def load(path: str, source: str) -> Checkpoint:
     return Checkpoint(source, "hdf5", read_tensors(image), extra=image)
 
 
+READ_SECONDS = 2.0  # plus one second per 100 MB of file: ample for metadata, bounded for a loop
+
+
+def read_tensors(image: H5Image) -> list[Tensor]:
+    """The rows of IMAGE, read in a forked child that is killed after READ_SECONDS.
+
+    The HDF5 library can loop for ever on a damaged file (a corrupt heap under a string
+    attribute) while holding the GIL, so nothing in this process could interrupt it."""
+    if not hasattr(os, "fork"):
+        return read_rows(image)
+    limit = min(60.0, READ_SECONDS + image.nbytes / 100e6)
+    readable, writable = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: read, send the rows (or the error) back, leave without cleanup
+        try:
+            os.close(readable)
+            try:
+                result: Any = read_rows(image)
+            except FormatError as e:
+                result = e
+            with os.fdopen(writable, "wb") as out:
+                pickle.dump(result, out)
+        finally:
+            os._exit(0)
+    os.close(writable)
+    data = bytearray()
+    deadline = time.monotonic() + limit
+    with os.fdopen(readable, "rb", buffering=0) as pipe:
+        while chunk := _read_until(pipe, deadline):
+            data += chunk
+    if time.monotonic() >= deadline:
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    if not data:
+        raise FormatError(f"the HDF5 library did not finish reading this file in {limit:.0f} s", image.path)
+    result = pickle.loads(bytes(data))  # our own child's answer: plain rows or a FormatError
+    if isinstance(result, FormatError):
+        raise result
+    return result
+
+
+def _read_until(pipe: Any, deadline: float) -> bytes:
+    ready, _, _ = select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))
+    return pipe.read(1 << 20) if ready else b""
+
+
 def root_attributes(ckpt: Checkpoint) -> dict[str, Any]:
     """The file's root attributes (keras_version, backend, model_config, ...), JSON-safe."""
     image = ckpt.extra.weights if ckpt.format == "keras" else ckpt.extra
@@ -156,7 +207,7 @@ def plain(value: Any) -> Any:
     return value
 
 
-def read_tensors(image: H5Image) -> list[Tensor]:
+def read_rows(image: H5Image) -> list[Tensor]:
     import h5py
     from h5py import h5a, h5d, h5g
 
@@ -175,7 +226,7 @@ def read_tensors(image: H5Image) -> list[Tensor]:
             elif isinstance(item, h5g.GroupID) and h5a.get_num_attrs(item):
                 groups[name] = h5py.Group(item)
         listed = dict.fromkeys(n for n in listed_weights(groups) if n in rows)
-        declared = f.attrs.get(TIES_ATTR)
+        declared = checked_attr(f, TIES_ATTR) if TIES_ATTR in f.attrs else None
     for alias, kept in declared_ties(declared).items():
         a, k = rows.get(alias), rows.get(kept)
         if a is not None and k is not None and (a.shape, a.dtype) == (k.shape, k.dtype):
@@ -272,7 +323,7 @@ def dataset_tensor(ds: h5py.h5d.DatasetID, image: H5Image, name: str) -> Tensor 
         return None
     nbytes = math.prod(shape) * itemsize(dtype)
     if offset is None or image.data is not None or ds.dtype.byteorder == ">":
-        storage = Storage(nbytes, path=image.path, load=lambda: read_dataset(image, name))
+        storage = Storage(nbytes, path=image.path, load=functools.partial(read_dataset, image, name))
     elif offset + nbytes > image.nbytes:
         raise FormatError(f"truncated: dataset {name!r} ends at byte {offset + nbytes} of {image.nbytes}", image.path)
     else:
@@ -291,7 +342,8 @@ def tensor_dtype(ds: h5py.h5d.DatasetID, shape: tuple[int, ...] | None, offset: 
         return None
     dt = ds.dtype
     if dt.kind == "V" and dt.names is None and dt.subdtype is None:  # opaque: read the tag only if it can fit
-        tag = h5py.Dataset(ds).attrs.get("dtype") if dt.itemsize in TAGGED_SIZES else None
+        dataset = h5py.Dataset(ds)
+        tag = checked_attr(dataset, "dtype") if dt.itemsize in TAGGED_SIZES and "dtype" in dataset.attrs else None
         tag = tag.decode("utf-8", "replace") if isinstance(tag, bytes) else tag
         return tag if isinstance(tag, str) and tag in TAGGED and itemsize(tag) == dt.itemsize else None
     return numeric_dtype(dt)
@@ -357,10 +409,19 @@ def attr_list(group: h5py.Group, name: str) -> list[str]:
     keys = [name] if name in group.attrs else takewhile(group.attrs.__contains__, split)
     values = []
     for key in keys:
-        value = group.attrs[key]
+        value = checked_attr(group, key)
         if isinstance(value, np.ndarray):
             values += [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in value.ravel()]
     return values
+
+
+def checked_attr(obj: h5py.HLObject, key: str) -> Any:
+    """Attribute KEY, refused when its header claims more elements than the file has bytes
+    (a damaged header would otherwise have HDF5 read or allocate without end)."""
+    count = math.prod(obj.attrs.get_id(key).shape or ())
+    if count > obj.file.id.get_filesize():
+        raise FormatError(f"attribute {key!r} of {obj.name!r} claims {count} elements", obj.file.filename)
+    return obj.attrs[key]
 
 
 def join(*parts: str) -> str:
