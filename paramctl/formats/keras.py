@@ -17,7 +17,7 @@ from typing import IO
 
 from paramctl.errors import FormatError, UsageError
 from paramctl.formats import hdf5
-from paramctl.formats.zipfiles import ZIP_ERRORS, member_storage, zip_members
+from paramctl.formats.zipfiles import ZIP_ERRORS, member_storage, read_member, zip_members
 from paramctl.table import Checkpoint
 
 WEIGHTS = "model.weights.h5"
@@ -46,7 +46,9 @@ def load(path: str, source: str) -> Checkpoint:
                 weights = hdf5.H5Image(path, WEIGHTS, storage.offset, info.file_size)
             else:
                 weights = hdf5.H5Image(path, WEIGHTS, data=bytes(storage.read()))
-            config, metadata = (zf.read(members[n]) if n in members else None for n in ("config.json", "metadata.json"))
+            config, metadata = (
+                read_member(zf, members[n], path) if n in members else None for n in ("config.json", "metadata.json")
+            )
         except ZIP_ERRORS as e:
             raise FormatError(f"invalid zip archive: {e}", path) from None
     if weights.data is None and weights.offset + info.file_size > os.path.getsize(path):

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 from paramctl.dtypes import TORCH_STORAGES, itemsize, torch_dtype
 from paramctl.errors import FormatError, UnsafeContentError, UsageError
-from paramctl.formats.zipfiles import ZIP_ERRORS, member_storage, zip_members
+from paramctl.formats.zipfiles import ZIP_ERRORS, member_storage, read_member, zip_members
 from paramctl.table import Checkpoint, Storage, Tensor
 
 POSITION = "position"  # Tensor.attrs key: the keys leading to the tensor in the object it was read from
@@ -162,7 +162,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     Legacy format (STORAGES None): each storage becomes a region whose place in the file is
     known only after the object, so `legacy` collects them for `load_legacy` to locate."""
 
-    def __init__(self, file: BinaryIO, storages: dict[str, Storage] | None, path: str):
+    def __init__(self, file: BinaryIO | io.RawIOBase, storages: dict[str, Storage] | None, path: str):
         super().__init__(file, encoding="utf-8")
         self.storages = storages
         self.path = path
@@ -214,7 +214,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         return _StorageRef(key, stype.dtype, size * itemsize(stype.dtype), root.storage, offset)
 
 
-def unpickle(data: bytes | BinaryIO, storages: dict[str, Storage] | None, path: str) -> Any:
+def unpickle(data: bytes | BinaryIO | io.RawIOBase, storages: dict[str, Storage] | None, path: str) -> Any:
     """The restricted unpickler's result, any failure as FormatError (UnsafeContentError for a
     refused global)."""
     return load_with(RestrictedUnpickler(io.BytesIO(data) if isinstance(data, bytes) else data, storages, path))
@@ -245,14 +245,14 @@ def load_zip(path: str, source: str) -> Checkpoint:
     top = pickles[0][: -len("data.pkl")]
     byteorder = members.get(top + "byteorder")
     try:
-        if byteorder is not None and zf.read(byteorder).strip() not in (b"little", b""):
+        if byteorder is not None and read_member(zf, byteorder, path).strip() not in (b"little", b""):
             raise FormatError("big-endian checkpoints are not supported", path)
         storages = {
             name[len(top) + 5 :]: member_storage(zf, info, path)
             for name, info in members.items()
             if name.startswith(top + "data/")
         }
-        data = zf.read(members[pickles[0]])
+        data = read_member(zf, members[pickles[0]], path)
     except ZIP_ERRORS as e:
         raise FormatError(f"invalid zip archive: {e}", path) from None
     obj = unpickle(data, storages, path)
@@ -306,6 +306,37 @@ def dotted(keys: tuple) -> str:
 # --- the legacy format, through torch ------------------------------------------------------------
 
 
+class BoundedReader(io.RawIOBase):
+    """A file whose reads never ask for more than what is left of it: the unpickler sizes its
+    buffer by the length a pickle opcode declares, which a damaged file can set to anything."""
+
+    def __init__(self, f: io.BufferedIOBase, size: int):
+        super().__init__()
+        self.f, self.size = f, size
+
+    def readable(self) -> bool:
+        return True
+
+    def left(self, n: int | None) -> int:
+        remaining = max(0, self.size - self.f.tell())
+        return remaining if n is None or n < 0 else min(n, remaining)
+
+    def read(self, n: int | None = -1) -> bytes:
+        return self.f.read(self.left(n))
+
+    def readinto(self, buffer: Any) -> int:
+        return self.f.readinto(memoryview(buffer)[: self.left(len(buffer))]) or 0
+
+    def readline(self, limit: int | None = -1) -> bytes:
+        return self.f.readline(self.left(limit))
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 
@@ -315,7 +346,8 @@ def load_legacy(path: str, source: str) -> Checkpoint:
     sys-info pickle, the object pickle (6-field storage ids), a pickled list of storage keys,
     then per key an int64 element count and the raw bytes."""
     size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    with open(path, "rb") as raw:
+        f = BoundedReader(raw, size)
         if unpickle(f, None, path) != LEGACY_MAGIC or unpickle(f, None, path) != LEGACY_PROTOCOL:
             raise FormatError("not a PyTorch checkpoint: a pickle without torch's magic number", path)
         info = unpickle(f, None, path)

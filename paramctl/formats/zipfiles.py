@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import struct
 import zipfile
 from typing import BinaryIO
@@ -30,17 +32,22 @@ def zip_members(path: str) -> tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]
         raise FormatError(f"invalid zip archive: {e}", path) from None
 
 
+def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> bytes:
+    """A member's bytes, refused when the sizes its header claims exceed the archive (zipfile
+    would allocate them first)."""
+    archive = os.path.getsize(path)
+    if info.compress_size > archive or info.file_size > max(archive, 1) * 1032:  # deflate tops out near 1032:1
+        raise FormatError(f"zip member {info.filename} claims {info.file_size} bytes", path)
+    try:
+        return zf.read(info)
+    except ZIP_ERRORS as e:
+        raise FormatError(f"invalid zip member {info.filename}: {e}", path) from None
+
+
 def member_storage(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> Storage:
     """A storage over a zip member: a file region when stored, else decompressed on first read."""
     if info.compress_type == zipfile.ZIP_STORED:
         with open(path, "rb") as f:
             offset = member_offset(f, info)
         return Storage(info.file_size, path=path, offset=offset)
-
-    def decompress() -> bytes:
-        try:
-            return zf.read(info)
-        except ZIP_ERRORS as e:
-            raise FormatError(f"invalid zip member {info.filename}: {e}", path) from None
-
-    return Storage(info.file_size, path=path, load=decompress)
+    return Storage(info.file_size, path=path, load=functools.partial(read_member, zf, info, path))
