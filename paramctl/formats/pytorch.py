@@ -16,6 +16,7 @@ import collections
 import io
 import os
 import pickle
+import pickletools
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -162,7 +163,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     Legacy format (STORAGES None): each storage becomes a region whose place in the file is
     known only after the object, so `legacy` collects them for `load_legacy` to locate."""
 
-    def __init__(self, file: BinaryIO | io.RawIOBase, storages: dict[str, Storage] | None, path: str):
+    def __init__(self, file: BinaryIO | BoundedReader, storages: dict[str, Storage] | None, path: str):
         super().__init__(file, encoding="utf-8")
         self.storages = storages
         self.path = path
@@ -214,10 +215,25 @@ class RestrictedUnpickler(pickle.Unpickler):
         return _StorageRef(key, stype.dtype, size * itemsize(stype.dtype), root.storage, offset)
 
 
-def unpickle(data: bytes | BinaryIO | io.RawIOBase, storages: dict[str, Storage] | None, path: str) -> Any:
+def unpickle(data: bytes | BinaryIO | BoundedReader, storages: dict[str, Storage] | None, path: str) -> Any:
     """The restricted unpickler's result, any failure as FormatError (UnsafeContentError for a
     refused global)."""
-    return load_with(RestrictedUnpickler(io.BytesIO(data) if isinstance(data, bytes) else data, storages, path))
+    stream = io.BytesIO(data) if isinstance(data, bytes) else data
+    check_lengths(stream, path)
+    return load_with(RestrictedUnpickler(stream, storages, path))
+
+
+def check_lengths(stream: BinaryIO | BoundedReader, path: str) -> None:
+    """Walk the opcodes of the pickle at STREAM's position, then rewind: the C unpickler
+    allocates whatever length a BINBYTES-style opcode declares before reading it, while
+    pickletools reads what is there and fails on a length the data cannot back."""
+    start = stream.tell()
+    try:
+        for _ in pickletools.genops(stream):  # type: ignore[arg-type]  # any file with read()
+            pass
+    except Exception as e:  # ValueError for a short read or a bad opcode, among others
+        raise FormatError(f"invalid pickle: {e}", path) from None
+    stream.seek(start)
 
 
 def load_with(unpickler: RestrictedUnpickler) -> Any:
@@ -306,16 +322,13 @@ def dotted(keys: tuple) -> str:
 # --- the legacy format, through torch ------------------------------------------------------------
 
 
-class BoundedReader(io.RawIOBase):
-    """A file whose reads never ask for more than what is left of it: the unpickler sizes its
-    buffer by the length a pickle opcode declares, which a damaged file can set to anything."""
+class BoundedReader:
+    """A file whose reads never ask for more than what is left of it: the unpickler sizes a
+    read by the length a pickle opcode declares, which a damaged file can set to anything.
+    No `readinto`, or the unpickler would allocate that declared length itself."""
 
-    def __init__(self, f: io.BufferedIOBase, size: int):
-        super().__init__()
+    def __init__(self, f: io.BufferedReader, size: int):
         self.f, self.size = f, size
-
-    def readable(self) -> bool:
-        return True
 
     def left(self, n: int | None) -> int:
         remaining = max(0, self.size - self.f.tell())
@@ -323,9 +336,6 @@ class BoundedReader(io.RawIOBase):
 
     def read(self, n: int | None = -1) -> bytes:
         return self.f.read(self.left(n))
-
-    def readinto(self, buffer: Any) -> int:
-        return self.f.readinto(memoryview(buffer)[: self.left(len(buffer))]) or 0
 
     def readline(self, limit: int | None = -1) -> bytes:
         return self.f.readline(self.left(limit))
@@ -353,6 +363,7 @@ def load_legacy(path: str, source: str) -> Checkpoint:
         info = unpickle(f, None, path)
         if isinstance(info, dict) and info.get("little_endian") is False:
             raise FormatError("big-endian checkpoints are not supported", path)
+        check_lengths(f, path)
         unpickler = RestrictedUnpickler(f, None, path)
         obj = load_with(unpickler)
         keys = unpickle(f, None, path)
