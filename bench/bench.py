@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "_fixtures"
 PYTHON = sys.executable
 PARAMCTL = [PYTHON, "-m", "paramctl"]
+SPARSE_TENSORS = 400
 
 # the scripts a user writes today, with the real libraries
 NAIVE_STATS = """
@@ -93,6 +94,13 @@ def build_fixtures(size_mb: int) -> dict[str, Path]:
         "small": FIXTURES / "small-1mb.safetensors",
         "sparse": FIXTURES / "sparse-100gb.safetensors",
     }
+    if not paths["small"].exists() or not paths["sparse"].exists():
+        import numpy as np
+        from safetensors.numpy import save_file as save_numpy
+
+        # the same number of tensors in both: what differs is only the size of the data behind them
+        save_numpy({f"layers.{i}.weight": np.zeros(640, np.float32) for i in range(SPARSE_TENSORS)}, paths["small"])
+        write_sparse(paths["sparse"], 100 << 30)
     if all(p.exists() for p in paths.values()):
         return paths
     import h5py
@@ -129,19 +137,16 @@ def build_fixtures(size_mb: int) -> dict[str, Path]:
     for name in list(edited)[5::40]:  # a fine-tuning step touched a few tensors
         edited[name] = edited[name] + 1e-3
     save_file(edited, paths["edited"])
-    save_file({k: v for k, v in list(sd.items())[:30] if v.numel() < 2**16}, paths["small"])
-    write_sparse(paths["sparse"], 100 << 30)
     return paths
 
 
 def write_sparse(path: Path, size: int) -> None:
     """A valid safetensors header describing SIZE bytes of tensors; the data is a hole."""
-    header, offset, i = {}, 0, 0
-    block = 4096 * 4096 * 4  # 64 MiB tensors
-    while offset + block <= size:
-        header[f"layers.{i}.weight"] = {"dtype": "F32", "shape": [4096, 4096], "data_offsets": [offset, offset + block]}
+    header, offset = {}, 0
+    block = size // SPARSE_TENSORS
+    for i in range(SPARSE_TENSORS):
+        header[f"layers.{i}.weight"] = {"dtype": "U8", "shape": [block], "data_offsets": [offset, offset + block]}
         offset += block
-        i += 1
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
