@@ -144,7 +144,7 @@ def set_command(
       paramctl set mlp.pt '^0\\.weight$' --expr 'x + 1' -o edited.pt
       paramctl set mlp.pt weight --expr 'where(abs(x) < 0.01, 0, x)' --in-place
     """
-    from paramctl.init import Edit, Expression, edited_values, find_edit
+    from paramctl.expressions import Edit, Expression, edited_values, find_edit
 
     if (value is None) == (expr is None):
         raise UsageError("give either VALUE or --expr EXPR")
