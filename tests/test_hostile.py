@@ -99,3 +99,34 @@ def test_refused_and_never_run(tmp_path, container, case):
     assert run("convert", str(path), str(tmp_path / "out.safetensors")).exit_code == 2
     assert not marker.exists()
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_harmless_objects_are_opaque_entries_and_tensors_still_list(tmp_path):
+    """An argparse.Namespace in Lightning hyper-parameters: listed by name in info, never built;
+    the tensors list, take statistics and convert; writing it back into a .pt is refused."""
+    import argparse
+    import json
+
+    path = tmp_path / "run.ckpt"
+    hparams = argparse.Namespace(lr=0.1, layers=[256, 10])
+    torch.save({"epoch": 3, "state_dict": {"w": torch.ones(2)}, "hyper_parameters": {"args": hparams}}, path)
+    assert run("ls", str(path)).stdout == "state_dict.w\t[2]\tfloat32\t2\t8\n"
+    assert run("stats", str(path)).exit_code == 0
+    info = json.loads(run("info", str(path), "-f", "json").stdout)
+    assert info["entries"]["hyper_parameters.args"] == "opaque argparse.Namespace (not loaded)"
+    converted = run("convert", str(path), str(tmp_path / "w.safetensors"))
+    assert converted.exit_code == 0 and "hyper_parameters.args" in converted.stderr
+    refused = run("convert", str(path), str(tmp_path / "back.pt"))
+    assert refused.exit_code == 2 and "argparse.Namespace" in refused.stderr
+    assert not (tmp_path / "back.pt").exists()
+
+
+def test_calling_an_unknown_global_is_refused(tmp_path):
+    """REDUCE of a class paramctl does not know would run its code: refused, naming it."""
+    import decimal
+
+    path = tmp_path / "dec.pt"
+    torch.save({"w": torch.ones(2), "lr": decimal.Decimal("0.1")}, path)
+    result = run("ls", str(path))
+    assert result.exit_code == 2
+    assert "pickle global decimal.Decimal is not allowed (called)" in result.stderr

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
+import functools
 import io
 import os
 import pickle
@@ -149,6 +150,64 @@ def _admitted() -> dict[str, Any]:
 ADMITTED = _admitted()
 
 
+# modules whose globals are refused outright, whatever the opcode: what code execution goes through
+REFUSED_MODULES = frozenset(
+    [
+        "os",
+        "posix",
+        "nt",
+        "subprocess",
+        "sys",
+        "builtins",
+        "importlib",
+        "runpy",
+        "shutil",
+        "socket",
+        "pickle",
+        "_pickle",
+        "marshal",
+        "ctypes",
+        "code",
+        "codeop",
+        "pty",
+        "multiprocessing",
+        "webbrowser",
+        "types",
+        "functools",
+        "operator",
+        "io",
+        "_io",
+        "torch",
+    ]
+)
+
+
+class Opaque:
+    """An object of a class paramctl does not load (an `argparse.Namespace` among a Lightning
+    checkpoint's hyper-parameters): kept as the class's name and the state the pickle gave it,
+    never constructed. Calling the class (REDUCE, INST) would run code, so that is refused."""
+
+    global_name = ""
+    args: tuple
+    state: Any
+
+    def __new__(cls, *args: Any) -> Opaque:  # NEWOBJ and OBJ: no code of the class runs
+        obj = super().__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise UnsafeContentError(f"refuses to load: pickle global {self.global_name} is not allowed (called)")
+
+    def __setstate__(self, state: Any) -> None:  # BUILD
+        self.state = state
+
+
+@functools.cache
+def opaque_class(global_name: str) -> type[Opaque]:
+    return type("Opaque", (Opaque,), {"global_name": global_name})
+
+
 @dataclass(eq=False)
 class _StorageRef:
     key: str
@@ -179,7 +238,9 @@ class RestrictedUnpickler(pickle.Unpickler):
         key = f"{module}.{name}"
         if key in ADMITTED:
             return ADMITTED[key]
-        raise UnsafeContentError(f"refuses to load: pickle global {key} is not allowed", self.path)
+        if module.split(".")[0] in REFUSED_MODULES:
+            raise UnsafeContentError(f"refuses to load: pickle global {key} is not allowed", self.path)
+        return opaque_class(key)
 
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)):
@@ -592,6 +653,11 @@ def _to_torch_objects(node: Any, convert: Any) -> Any:
     """The object read by the restricted unpickler, with records turned back into torch objects."""
     import torch
 
+    if isinstance(node, Opaque):
+        raise UsageError(
+            f"cannot write a .pt holding {node.global_name}: paramctl keeps such objects opaque, never "
+            "loading them; write safetensors to keep the tensors"
+        )
     if isinstance(node, Tensor):
         return convert(node)
     if isinstance(node, TorchDtype):
@@ -637,6 +703,8 @@ def non_tensor_entries(ckpt: Checkpoint) -> dict[str, Any]:
 
 
 def _describe(node: Any) -> str:
+    if isinstance(node, Opaque):
+        return f"opaque {node.global_name} (not loaded)"
     if isinstance(node, TorchDtype):
         return f"torch.{node.name}"
     if isinstance(node, TorchDevice):
