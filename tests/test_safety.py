@@ -237,3 +237,17 @@ def test_offsets_beyond_4_gb_in_a_sparse_safetensors_file(tmp_path):
     with safe_open(path, "np") as f:
         np.testing.assert_array_equal(tail, f.get_tensor("tail"))
     assert tail.ravel().tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_very_long_names_stay_one_row(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    long = "layer." * 20_000 + "weight\twith\ttabs"
+    path = tmp_path / "long.safetensors"
+    save_file({long: np.zeros(1, np.float32), "b": np.ones(1, np.float32)}, str(path))
+    rows = run("ls", str(path)).stdout.splitlines()
+    assert len(rows) == 2 and all(len(r.split("\t")) == 5 for r in rows)
+    assert {r["name"] for r in json.loads(run("ls", str(path), "-f", "json").stdout)} == {long, "b"}
+    csv_rows = run("ls", str(path), "-f", "csv").stdout.splitlines()
+    assert len(csv_rows) == 3
