@@ -251,3 +251,115 @@ def test_very_long_names_stay_one_row(tmp_path):
     assert {r["name"] for r in json.loads(run("ls", str(path), "-f", "json").stdout)} == {long, "b"}
     csv_rows = run("ls", str(path), "-f", "csv").stdout.splitlines()
     assert len(csv_rows) == 3
+
+
+def _sparse_zip64_pt(path, filler: int) -> None:
+    """A torch-layout zip whose second storage starts past FILLER bytes of hole (zip64 records),
+    written by hand so that the filler costs no disk: {"filler": uint8[filler], "tail": f32[2, 2]}."""
+    import collections
+    import pickle
+    import struct
+    import zlib
+
+    import numpy as np
+    import torch
+
+    class Ref:  # a storage, pickled as torch does: a persistent id
+        def __init__(self, stype, key, numel):
+            self.stype, self.key, self.numel = stype, key, numel
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", obj.stype, obj.key, "cpu", obj.numel) if isinstance(obj, Ref) else None
+
+    class FakeTensor:
+        def __init__(self, ref, size):
+            self.ref, self.size = ref, size
+
+        def __reduce__(self):
+            stride = (self.size[1], 1) if len(self.size) == 2 else (1,)
+            args = (self.ref, 0, self.size, stride, False, collections.OrderedDict())
+            return (torch._utils._rebuild_tensor_v2, args)
+
+    buf = io.BytesIO()
+    Pickler(buf, 2).dump(
+        {
+            "filler": FakeTensor(Ref(torch.ByteStorage, "0", filler), (filler,)),
+            "tail": FakeTensor(Ref(torch.FloatStorage, "1", 4), (2, 2)),
+        }
+    )
+    tail = np.arange(4, dtype=np.float32).tobytes()
+    members = [
+        ("archive/data.pkl", buf.getvalue()),
+        ("archive/data/0", None),
+        ("archive/data/1", tail),
+        ("archive/version", b"3\n"),
+    ]
+    central, offset = [], 0
+    with open(path, "wb") as f:
+        for name, data in members:
+            size = filler if data is None else len(data)
+            crc = 0 if data is None else zlib.crc32(data)
+            extra = struct.pack("<HHQQ", 1, 16, size, size)
+            f.write(
+                struct.pack(
+                    "<IHHHHHIIIHH", 0x04034B50, 45, 0, 0, 0, 0, crc, 0xFFFFFFFF, 0xFFFFFFFF, len(name), len(extra)
+                )
+            )
+            f.write(name.encode() + extra)
+            if data is None:
+                f.seek(size, 1)  # a hole
+            else:
+                f.write(data)
+            central.append((name, crc, size, offset))
+            offset = f.tell()
+        start = f.tell()
+        for name, crc, size, at in central:
+            extra = struct.pack("<HHQQQ", 1, 24, size, size, at)
+            f.write(
+                struct.pack(
+                    "<IHHHHHHIIIHHHHHII",
+                    0x02014B50,
+                    45,
+                    45,
+                    0,
+                    0,
+                    0,
+                    0,
+                    crc,
+                    0xFFFFFFFF,
+                    0xFFFFFFFF,
+                    len(name),
+                    len(extra),
+                    0,
+                    0,
+                    0,
+                    0,
+                    0xFFFFFFFF,
+                )
+            )
+            f.write(name.encode() + extra)
+        end = f.tell()
+        f.write(
+            struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, len(central), len(central), end - start, start)
+        )
+        f.write(struct.pack("<IIQI", 0x07064B50, 0, end, 1))
+        f.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0))
+
+
+def test_zip64_pt_with_storages_past_4_gb(tmp_path):
+    path = tmp_path / "big.pt"
+    filler = 5 << 30
+    _sparse_zip64_pt(path, filler)
+    assert path.stat().st_blocks * 512 < 1 << 20  # sparse indeed
+    rows = json.loads(run("ls", str(path), "-f", "json").stdout)
+    assert [(r["name"], r["shape"], r["dtype"]) for r in rows] == [
+        ("filler", [filler], "uint8"),
+        ("tail", [2, 2], "float32"),
+    ]
+    tail = paramctl.load(str(path))["tail"]
+    assert tail.storage.offset > 4 << 30
+    assert tail.array().ravel().tolist() == [0.0, 1.0, 2.0, 3.0]
+    import torch
+
+    assert torch.load(path, mmap=True)["tail"].flatten().tolist() == [0.0, 1.0, 2.0, 3.0]  # torch agrees
