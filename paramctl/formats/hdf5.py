@@ -31,7 +31,7 @@ from operator import attrgetter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from paramctl.dtypes import ITEMSIZE, from_numpy, itemsize
-from paramctl.errors import FormatError, UsageError
+from paramctl.errors import FormatError, ParamctlError, UsageError
 from paramctl.table import Checkpoint, Storage, Tensor
 
 if TYPE_CHECKING:
@@ -137,28 +137,35 @@ def load(path: str, source: str) -> Checkpoint:
     return Checkpoint(source, "hdf5", read_tensors(image), extra=image)
 
 
-READ_SECONDS = 2.0  # plus one second per 100 MB of file: ample for metadata, bounded for a loop
+READ_SECONDS = 2.0  # plus a second per 100 MB read (50 MB written): ample for the work, bounded for a loop
 
 
 def read_tensors(image: H5Image) -> list[Tensor]:
-    """The rows of IMAGE, read in a forked child that is killed after READ_SECONDS.
+    return in_child(read_rows, (image,), READ_SECONDS + image.nbytes / 100e6, image.path, "reading this file")
 
-    The HDF5 library can loop for ever on a damaged file (a corrupt heap under a string
-    attribute) while holding the GIL, so nothing in this process could interrupt it."""
+
+def in_child(fn: Any, args: tuple, limit: float, path: str, doing: str) -> Any:
+    """FN(*ARGS) run in a forked child that is killed after LIMIT seconds: its result, or its error.
+
+    libhdf5 can loop for ever on a damaged file (a corrupt heap under a string attribute) while
+    holding the GIL, so nothing in this process could interrupt it; a child can be killed."""
     if not hasattr(os, "fork"):
-        return read_rows(image)
-    limit = min(60.0, READ_SECONDS + image.nbytes / 100e6)
+        return fn(*args)
     readable, writable = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: read, send the rows (or the error) back, leave without cleanup
+    if pid == 0:  # the child: run, send the outcome back, leave without any cleanup of the parent's
         try:
             os.close(readable)
             try:
-                result: Any = read_rows(image)
-            except FormatError as e:
-                result = e
+                outcome: tuple = ("ok", fn(*args))
+            except ParamctlError as e:
+                outcome = ("error", e)
+            except OSError as e:
+                outcome = ("oserror", (e.errno, e.strerror or str(e)))
+            except Exception as e:
+                outcome = ("bug", f"{type(e).__name__}: {e}")
             with os.fdopen(writable, "wb") as out:
-                pickle.dump(result, out)
+                pickle.dump(outcome, out)
         finally:
             os._exit(0)
     os.close(writable)
@@ -171,11 +178,15 @@ def read_tensors(image: H5Image) -> list[Tensor]:
         os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     if not data:
-        raise FormatError(f"the HDF5 library did not finish reading this file in {limit:.0f} s", image.path)
-    result = pickle.loads(bytes(data))  # our own child's answer: plain rows or a FormatError
-    if isinstance(result, FormatError):
-        raise result
-    return result
+        raise FormatError(f"the HDF5 library did not finish {doing} in {limit:.0f} s", path)
+    kind, value = pickle.loads(bytes(data))  # our own child's answer
+    if kind == "ok":
+        return value
+    if kind == "error":
+        raise value
+    if kind == "oserror":
+        raise OSError(*value)
+    raise RuntimeError(value)
 
 
 def _read_until(pipe: Any, deadline: float) -> bytes:
@@ -186,14 +197,18 @@ def _read_until(pipe: Any, deadline: float) -> bytes:
 def root_attributes(ckpt: Checkpoint) -> dict[str, Any]:
     """The file's root attributes (keras_version, backend, model_config, ...), JSON-safe."""
     image = ckpt.extra.weights if ckpt.format == "keras" else ckpt.extra
-    with image.reading() as f:
-        found = {str(k): plain(v) for k, v in f.attrs.items()}
+    found = in_child(read_root_attributes, (image,), READ_SECONDS, image.path, "reading the attributes")
     if ckpt.format == "keras" and ckpt.extra.metadata:
         try:
             found.update(json.loads(ckpt.extra.metadata))  # keras_version, date_saved
         except ValueError:
             found["metadata.json"] = ckpt.extra.metadata.decode("utf-8", "replace")
     return found
+
+
+def read_root_attributes(image: H5Image) -> dict[str, Any]:
+    with image.reading() as f:
+        return {str(k): plain(checked_attr(f, k)) for k in f.attrs}
 
 
 def plain(value: Any) -> Any:
@@ -439,6 +454,12 @@ def save(ckpt: Checkpoint, path: str) -> None:
 
 
 def write(ckpt: Checkpoint, path: str, image: H5Image | None) -> None:
+    """write_file, in a child with a deadline (as reading: libhdf5 may loop on a damaged source)."""
+    size = sum(t.nbytes for t in ckpt.tensors) + (image.nbytes if image is not None else 0)
+    in_child(write_file, (ckpt, path, image), READ_SECONDS + size / 50e6, path, "writing this file")
+
+
+def write_file(ckpt: Checkpoint, path: str, image: H5Image | None) -> None:
     """Write CKPT's tensors as an HDF5 file at PATH.
 
     With IMAGE (the HDF5 file the table was read from), the file is rebuilt from it: its groups,
