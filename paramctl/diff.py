@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from paramctl.stats import BLOCK, thread_pool
+from paramctl.stats import BLOCK
 from paramctl.table import CHUNK_ELEMENTS, Checkpoint, Tensor
 
 STATUSES = ("same", "values", "shape", "dtype", "only-a", "only-b")
@@ -126,13 +126,7 @@ def accumulate(a: Tensor, b: Tensor, tolerance: Tolerance | None, chunk: int = C
     """The sums of a pair of one shape, read in chunks side by side."""
     sums = Sums()
     for x, y in zip(a.chunks(chunk), b.chunks(chunk)):
-        if x.size <= 4 * BLOCK:
-            sums.merge(blocks_sums(x, y, tolerance))
-            continue
-        # halves on two threads, as stats does: numpy releases the GIL
-        half = x.size // 2 // BLOCK * BLOCK
-        for part in thread_pool().map(blocks_sums, (x[:half], x[half:]), (y[:half], y[half:]), (tolerance, tolerance)):
-            sums.merge(part)
+        sums.merge(blocks_sums(x, y, tolerance))
     return sums
 
 
