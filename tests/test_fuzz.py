@@ -143,7 +143,7 @@ def safetensors_headers(draw) -> bytes:
             entries[name] = draw(st.sampled_from([[], 3, "s", {"dtype": "F32"}, {"nested": {"deep": [1]}}]))
     raw = json.dumps(entries).encode()
     if draw(st.booleans()):  # a duplicate key, which JSON allows and the reference loader rejects
-        raw = raw[:-1] + (b', "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}' if entries else b'}')
+        raw = raw[:-1] + (b', "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}' if entries else b"}")
     if draw(st.booleans()):  # a name that is not UTF-8
         raw = raw.replace(b"a", b"\xff\xfe", 1)
     if draw(st.booleans()):
