@@ -137,7 +137,11 @@ def load(path: str, source: str) -> Checkpoint:
     return Checkpoint(source, "hdf5", read_tensors(image), extra=image)
 
 
-READ_SECONDS = 2.0  # plus a second per 100 MB read (50 MB written): ample for the work, bounded for a loop
+# deadlines for libhdf5 work in a child: ample for the work, bounded for a loop. Reading: plus a
+# second per 100 MB. Writing rebuilds every group and attribute (a deep file takes a while on a
+# busy machine) and was preceded by a successful read: a longer base, plus a second per 50 MB.
+READ_SECONDS = 2.0
+WRITE_SECONDS = 15.0
 
 
 def read_tensors(image: H5Image) -> list[Tensor]:
@@ -456,7 +460,7 @@ def save(ckpt: Checkpoint, path: str) -> None:
 def write(ckpt: Checkpoint, path: str, image: H5Image | None) -> None:
     """write_file, in a child with a deadline (as reading: libhdf5 may loop on a damaged source)."""
     size = sum(t.nbytes for t in ckpt.tensors) + (image.nbytes if image is not None else 0)
-    in_child(write_file, (ckpt, path, image), READ_SECONDS + size / 50e6, path, "writing this file")
+    in_child(write_file, (ckpt, path, image), WRITE_SECONDS + size / 50e6, path, "writing this file")
 
 
 def write_file(ckpt: Checkpoint, path: str, image: H5Image | None) -> None:
