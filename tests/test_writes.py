@@ -42,17 +42,19 @@ def paramctl(*args: str, **kwargs) -> subprocess.Popen:
 
 
 def test_sigkill_during_output_leaves_old_or_new(tmp_path, big):
-    """Kill `convert -o` at random moments: the target is always the complete old file or the
-    complete new one, never a truncated mix."""
+    """Kill `convert -o` at moments spread over 1.5x the time one conversion takes: the target is
+    always the complete old file or the complete new one, never a truncated mix."""
     old = (SAMPLES / "mlp.safetensors").read_bytes()
     new = big["expected"].read_bytes()
     target = tmp_path / "out.safetensors"
-    rng = random.Random(7)
+    start = time.perf_counter()
+    paramctl("convert", str(big["src"]), str(tmp_path / "timed.safetensors")).wait()
+    whole = time.perf_counter() - start
     seen = {"old": 0, "new": 0}
-    for _ in range(KILLS):
+    for i in range(KILLS):
         target.write_bytes(old)
         proc = paramctl("convert", str(big["src"]), str(target))
-        time.sleep(rng.uniform(0.05, 1.0))
+        time.sleep(whole * 1.5 * (i + 0.5) / KILLS)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         data = target.read_bytes()
