@@ -102,15 +102,17 @@ def block_summary(block: np.ndarray, scratch: tuple[np.ndarray, np.ndarray] | No
     # comparisons are exact in the stored dtype and cheaper there for float32/float64
     native = block if block.dtype.kind == "f" and block.dtype.itemsize >= 4 else values
     summary = Summary()
-    if block.dtype.kind not in "iub" and not np.isfinite(native).all():
+    total = float(values.sum())
+    # a finite float64 sum of narrower values means every value is finite: no separate pass
+    if not math.isfinite(total) and block.dtype.kind not in "iub":
         finite = np.isfinite(values)
         nan = int(np.isnan(values).sum())
         summary.nans = nan
         summary.infs = int(values.size - finite.sum()) - nan
         native = values = values[finite]
-        n, deviations = values.size, None
+        n, deviations, total = values.size, None, float(values.sum())
     if n:
-        mean = float(values.sum()) / n
+        mean = total / n
         deviations = np.subtract(values, mean, out=deviations)
         summary.count, summary.mean = n, mean
         summary.m2 = float(np.dot(deviations, deviations))
