@@ -113,6 +113,8 @@ def with_declared_aliases(tensors: list[Tensor], metadata: dict[str, str]) -> li
 
 
 def save(ckpt: Checkpoint, path: str) -> None:
+    import numpy as np
+
     for t in ckpt.tensors:
         if t.dtype not in TO_SAFETENSORS:
             raise UsageError(f"safetensors cannot store {t.name!r}: dtype {t.dtype}")
@@ -138,5 +140,6 @@ def save(ckpt: Checkpoint, path: str) -> None:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for t in stored:
-            f.write(t.tobytes())
+        for t in stored:  # chunk by chunk: a large tensor is never held whole in memory
+            for chunk in t.chunks():
+                f.write(chunk.view(np.uint8).data)
