@@ -145,7 +145,14 @@ WRITE_SECONDS = 15.0
 
 
 def read_tensors(image: H5Image) -> list[Tensor]:
-    return in_child(read_rows, (image,), READ_SECONDS + image.nbytes / 100e6, image.path, "reading this file")
+    """The rows: parsed natively when the file keeps to what h5py and Keras write by default
+    (fast, and no libhdf5 to hang), else read by h5py in a child with a deadline."""
+    from paramctl.formats import h5native
+
+    try:
+        return h5native.read_rows(image)
+    except h5native.Unsupported:
+        return in_child(read_rows, (image,), READ_SECONDS + image.nbytes / 100e6, image.path, "reading this file")
 
 
 def in_child(fn: Any, args: tuple, limit: float, path: str, doing: str) -> Any:

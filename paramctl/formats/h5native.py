@@ -1,0 +1,710 @@
+"""The structure of an HDF5 file parsed from its bytes, without h5py: the fast path for listing.
+
+Importing h5py takes a fifth of a second, and libhdf5 can loop for ever on a damaged file (so
+`hdf5.py` runs it in a child with a deadline). What Keras and h5py write by default is a small
+part of the format: a version 0-3 superblock; version 1 or 2 object headers; groups as a symbol
+table (a v1 B-tree and a local heap) or as link messages; datasets with a dataspace, an integer,
+float, string or opaque type, and a contiguous, compact or chunked layout; attributes holding
+fixed- or variable-length strings (in the global heap). This module reads exactly that, with
+every address and size checked against the image and every loop bounded, and gives the rows
+`hdf5.read_rows` would give. Anything else (dense link or attribute storage, shared messages,
+enum, compound and other types, anything damaged) raises Unsupported, and the caller reads the
+file through h5py instead, which also gives the authoritative error for a damaged file.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import mmap
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import takewhile
+from typing import Any
+
+from paramctl.dtypes import itemsize
+from paramctl.formats.hdf5 import (
+    TAGGED,
+    TAGGED_SIZES,
+    TIES_ATTR,
+    H5Image,
+    declared_ties,
+    join,
+    natural_key,
+    read_dataset,
+)
+from paramctl.table import Storage, Tensor
+
+M32 = 0xFFFFFFFF
+
+
+# lookup3's rounds as (x, y, z, k): mix does s[x] = (s[x] - s[y]) ^ rot(s[y], k); s[y] += s[z];
+# final does s[x] = (s[x] ^ s[y]) - rot(s[y], k)
+MIX = [(0, 2, 1, 4), (1, 0, 2, 6), (2, 1, 0, 8), (0, 2, 1, 16), (1, 0, 2, 19), (2, 1, 0, 4)]
+FINAL = [(2, 1, 14), (0, 2, 11), (1, 0, 25), (2, 1, 16), (0, 2, 4), (1, 0, 14), (2, 1, 24)]
+
+
+def rot(x: int, k: int) -> int:
+    return ((x << k) | (x >> (32 - k))) & M32
+
+
+def lookup3(data: bytes) -> int:
+    """Bob Jenkins' lookup3 `hashlittle` with seed 0: the checksum of HDF5's newer metadata."""
+    s = [(0xDEADBEEF + len(data)) & M32] * 3
+    if not data:
+        return s[2]
+    padded = data + bytes(-len(data) % 12)  # the tail, zero-padded, adds what its bytes add
+    last = (len(data) - 1) // 12 * 12  # the last block is finalized, every other one mixed
+    for i in range(0, last + 12, 12):
+        for j in range(3):
+            s[j] = (s[j] + int.from_bytes(padded[i + 4 * j : i + 4 * j + 4], "little")) & M32
+        if i < last:
+            for x, y, z, k in MIX:
+                s[x] = ((s[x] - s[y]) & M32) ^ rot(s[y], k)
+                s[y] = (s[y] + s[z]) & M32
+        else:
+            for x, y, k in FINAL:
+                s[x] = ((s[x] ^ s[y]) - rot(s[y], k)) & M32
+    return s[2]
+
+
+class Unsupported(Exception):
+    """The file needs h5py: it uses a feature this module does not read, or it is damaged."""
+
+
+def check_flags(flags: int) -> None:
+    """libhdf5 refuses these combinations of message flags."""
+    if (flags & SHARED and flags & DONT_SHARE) or (flags & WAS_UNKNOWN and not flags & MARK_IF_UNKNOWN):
+        raise Unsupported(f"bad message flags {flags:#x}")
+
+
+SIGNATURE = b"\x89HDF\r\n\x1a\n"
+MAX_OBJECTS = 1 << 20  # object headers, B-tree nodes and messages: a bound on any loop
+
+# message types
+DATASPACE, LINK_INFO, DATATYPE, FILL_VALUE, LINK, EXTERNAL, LAYOUT = 0x01, 0x02, 0x03, 0x05, 0x06, 0x07, 0x08
+ATTRIBUTE, CONTINUATION, SYMBOL_TABLE, ATTRIBUTE_INFO = 0x0C, 0x10, 0x11, 0x15
+NEEDED = {DATASPACE, LINK_INFO, DATATYPE, FILL_VALUE, LINK, EXTERNAL, LAYOUT, ATTRIBUTE, SYMBOL_TABLE, ATTRIBUTE_INFO}
+SHARED, DONT_SHARE, MARK_IF_UNKNOWN, WAS_UNKNOWN = 0x02, 0x04, 0x10, 0x20  # message flags
+NOT_TENSORS = {3, 9, 10}  # datatype classes h5py reads as text, objects or subarrays
+
+# (size, exponent location, exponent size, mantissa size, bias) of the IEEE types numpy has
+IEEE_FLOATS = {
+    (2, 10, 5, 10, 15): "float16",
+    (4, 23, 8, 23, 127): "float32",
+    (8, 52, 11, 52, 1023): "float64",
+}
+INTEGERS = {(1, True): "int8", (2, True): "int16", (4, True): "int32", (8, True): "int64"}
+INTEGERS |= {(1, False): "uint8", (2, False): "uint16", (4, False): "uint32", (8, False): "uint64"}
+
+
+def read_rows(image: H5Image) -> list[Tensor]:
+    """The rows `hdf5.read_rows(image)` gives, or Unsupported."""
+    try:
+        with mapped(image) as (data, start, size):
+            return Reader(data, start, size, image).rows()
+    except (OSError, IndexError, ValueError, KeyError, OverflowError, RecursionError) as e:
+        raise Unsupported(f"{type(e).__name__}: {e}") from None
+
+
+@contextmanager
+def mapped(image: H5Image) -> Iterator[tuple[Any, int, int]]:
+    """(bytes, start, size): the image's data, or its file memory-mapped and where it lies in it."""
+    if image.data is not None:
+        yield image.data, 0, len(image.data)
+        return
+    with open(image.path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        length = image.size if image.size is not None else size - image.offset
+        if length <= 0 or image.offset + length > size:
+            raise Unsupported("the image is empty or lies beyond the end of the file")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as whole:
+            yield whole, image.offset, length
+
+
+@dataclass
+class Attribute:
+    type: Datatype
+    shape: tuple[int, ...] | None  # None: an empty (null) dataspace
+    data: int  # where the values start in the image
+
+
+@dataclass(frozen=True)
+class Datatype:
+    kind: int  # the HDF5 class: 0 integer, 1 float, 3 string, 5 opaque, 9 variable length, ...
+    size: int
+    dtype: str | None = None  # paramctl's name, for integers and floats
+    big_endian: bool = False
+    vlen_string: bool = False
+
+
+@dataclass
+class Object:
+    """What paramctl needs from one object header."""
+
+    attributes: dict[str, Attribute]
+    shape: tuple[int, ...] | None = None
+    type: Datatype | None = None
+    layout: tuple[int, int | None, int] | None = None  # (class, address or None, size)
+    external: bool = False
+    symbol_table: tuple[int, int] | None = None  # (B-tree, local heap): an old-style group
+    link_info: bool = False  # a new-style group, whose links are messages
+    links: list[tuple[str, int | None, int | None]] = field(default_factory=list)  # (name, address, order)
+
+    @property
+    def is_group(self) -> bool:
+        return self.symbol_table is not None or self.link_info
+
+
+class Reader:
+    """Reads the image of SIZE bytes at START in DATA (bytes, or a memory-mapped file: slicing
+    either copies, so nothing holds the map open). Positions are in the image."""
+
+    def __init__(self, data: Any, start: int, size: int, image: H5Image):
+        self.data, self.start, self.size, self.image = data, start, size, image
+        self.budget = MAX_OBJECTS
+        self.heaps: dict[int, dict[int, bytes]] = {}
+        self.base, self.root = self.superblock()
+
+    # --- bytes ---------------------------------------------------------------------------------
+
+    def spend(self) -> None:
+        self.budget -= 1
+        if self.budget < 0:
+            raise Unsupported("too many objects")
+
+    def raw(self, pos: int, n: int) -> bytes:
+        if pos < 0 or n < 0 or pos + n > self.size:
+            raise Unsupported(f"{n} bytes at {pos} lie outside the file")
+        return self.data[self.start + pos : self.start + pos + n]
+
+    def uint(self, pos: int, n: int) -> int:
+        return int.from_bytes(self.raw(pos, n), "little")
+
+    def address(self, pos: int) -> int | None:
+        """The address stored at POS, made absolute in the image; None if undefined."""
+        raw = self.uint(pos, self.offsets)
+        return None if raw == (1 << (8 * self.offsets)) - 1 else self.base + raw
+
+    def defined(self, pos: int) -> int:
+        found = self.address(pos)
+        if found is None:
+            raise Unsupported(f"undefined address at {pos}")
+        return found
+
+    def signature(self, pos: int, expected: bytes) -> None:
+        if (self.raw(pos, len(expected))) != expected:
+            raise Unsupported(f"no {expected!r} at {pos}")
+
+    # --- superblock ----------------------------------------------------------------------------
+
+    def superblock(self) -> tuple[int, int]:
+        """(base address, root object header address); the superblock may follow a user block."""
+        at = 0
+        while self.raw(at, 8) != SIGNATURE:
+            at = 512 if at == 0 else at * 2
+        version = self.uint(at + 8, 1)
+        if version in (0, 1):
+            self.offsets, self.lengths = self.uint(at + 13, 1), self.uint(at + 14, 1)
+            self.check_sizes()
+            if self.uint(at + 20, 4) & ~0x07 or not self.uint(at + 16, 2) or not self.uint(at + 18, 2):
+                raise Unsupported("bad superblock flags or B-tree sizes")
+            fields = at + (24 if version == 0 else 28)
+            base = self.uint(fields, self.offsets)
+            if self.uint(fields + self.offsets, self.offsets) != (1 << (8 * self.offsets)) - 1:
+                raise Unsupported("a superblock extension in a version 0 or 1 superblock")
+            # the root group's symbol table entry: link name offset, then its object header
+            root = self.uint(fields + 4 * self.offsets + self.offsets, self.offsets)
+        elif version in (2, 3):
+            self.offsets, self.lengths = self.uint(at + 9, 1), self.uint(at + 10, 1)
+            self.check_sizes()
+            base = self.uint(at + 12, self.offsets)
+            if self.uint(at + 12 + self.offsets, self.offsets) != (1 << (8 * self.offsets)) - 1:
+                raise Unsupported("a superblock extension (shared messages) is not read here")
+            root = self.uint(at + 12 + 3 * self.offsets, self.offsets)
+            self.checksum(at, at + 12 + 4 * self.offsets)
+        else:
+            raise Unsupported(f"superblock version {version}")
+        if base != at:
+            raise Unsupported(f"base address {base} is not the superblock's {at}")
+        return base, base + root
+
+    def check_sizes(self) -> None:
+        if self.offsets not in (2, 4, 8) or self.lengths not in (2, 4, 8):
+            raise Unsupported("unusual sizes of offsets and lengths")
+
+    # --- object headers ------------------------------------------------------------------------
+
+    def messages(self, at: int) -> Iterator[tuple[int, int, int, int]]:
+        """(type, flags, data position, size) of each message in the object header at AT."""
+        if (self.raw(at, 4)) == b"OHDR":
+            yield from self.messages_v2(at)
+            return
+        if self.uint(at, 1) != 1:
+            raise Unsupported(f"no object header at {at}")
+        blocks, seen = [(at + 16, self.uint(at + 8, 4))], {at}
+        expected, count = self.uint(at + 2, 2), 0
+        while blocks:
+            pos, size = blocks.pop(0)
+            end = pos + size
+            self.raw(pos, size)
+            while pos + 8 <= end:
+                self.spend()
+                kind, length, flags = self.uint(pos, 2), self.uint(pos + 2, 2), self.uint(pos + 4, 1)
+                data = pos + 8
+                if data + length > end or length % 8:
+                    raise Unsupported(f"a message overruns its header block, or is not aligned, at {pos}")
+                check_flags(flags)
+                count += 1
+                if kind == CONTINUATION:
+                    blocks.append(self.continuation(data, seen))
+                else:
+                    yield kind, flags, data, length
+                pos = data + length
+            if pos != end:
+                raise Unsupported(f"a gap in the object header at {at}")
+        if count != expected:
+            raise Unsupported(f"the object header at {at} holds {count} messages, not {expected}")
+
+    def messages_v2(self, at: int) -> Iterator[tuple[int, int, int, int]]:
+        if self.uint(at + 4, 1) != 2:
+            raise Unsupported(f"object header version at {at}")
+        flags = self.uint(at + 5, 1)
+        pos = at + 6 + (16 if flags & 0x20 else 0) + (4 if flags & 0x10 else 0)
+        width = 1 << (flags & 3)
+        order = 2 if flags & 0x04 else 0  # each message carries its creation order
+        blocks, seen = [(at, pos + width, pos + width + self.uint(pos, width))], {at}
+        while blocks:
+            start, pos, end = blocks.pop(0)  # the block from its signature, its messages, its checksum
+            self.checksum(start, end)
+            while pos + 4 + order <= end:
+                self.spend()
+                kind, length, mflags = self.uint(pos, 1), self.uint(pos + 1, 2), self.uint(pos + 3, 1)
+                data = pos + 4 + order
+                if data + length > end:
+                    raise Unsupported(f"a message overruns its header block at {pos}")
+                check_flags(mflags)
+                if kind == CONTINUATION:
+                    block, size = self.continuation(data, seen)
+                    self.signature(block, b"OCHK")
+                    blocks.append((block, block + 4, block + size - 4))
+                else:
+                    yield kind, mflags, data, length
+                pos = data + length
+
+    def checksum(self, start: int, end: int) -> None:
+        """Check the lookup3 checksum stored at END of the bytes [START, END), as libhdf5 does."""
+        if lookup3(self.raw(start, end - start)) != self.uint(end, 4):
+            raise Unsupported(f"metadata at {start} fails its checksum")
+
+    def check_fill_value(self, at: int) -> None:
+        if self.uint(at, 1) not in (1, 2, 3):
+            raise Unsupported(f"fill value message version at {at}")
+
+    def continuation(self, data: int, seen: set[int]) -> tuple[int, int]:
+        block, size = self.defined(data), self.uint(data + self.offsets, self.lengths)
+        if block in seen:
+            raise Unsupported("a continuation loop")
+        seen.add(block)
+        return block, size
+
+    def object(self, at: int) -> Object:
+        found = Object({})
+        for kind, flags, data, length in self.messages(at):
+            if kind not in NEEDED:
+                continue
+            if flags & SHARED:
+                raise Unsupported(f"a shared message in the object at {at}")
+            if kind == DATASPACE:
+                found.shape = self.dataspace(data)
+            elif kind == DATATYPE:
+                found.type = self.datatype(data)
+            elif kind == LAYOUT:
+                found.layout = self.layout(data)
+            elif kind == FILL_VALUE:
+                self.check_fill_value(data)
+            elif kind == EXTERNAL:
+                found.external = True
+            elif kind == SYMBOL_TABLE:
+                found.symbol_table = (self.defined(data), self.defined(data + self.offsets))
+            elif kind == LINK:
+                found.links.append(self.link(data))
+            elif kind == LINK_INFO:
+                self.check_link_info(data)
+                found.link_info = True
+            elif kind == ATTRIBUTE:
+                name, attribute = self.attribute(data, length)
+                found.attributes[name] = attribute
+            elif kind == ATTRIBUTE_INFO:
+                self.attribute_info(data)
+        return found
+
+    # --- messages ------------------------------------------------------------------------------
+
+    def dataspace(self, at: int) -> tuple[int, ...] | None:
+        version, rank, flags = self.uint(at, 1), self.uint(at + 1, 1), self.uint(at + 2, 1)
+        if version == 1:
+            dims = at + 8
+        elif version == 2:
+            kind = self.uint(at + 3, 1)
+            if kind == 2:
+                return None  # null: no elements, not even a scalar
+            dims = at + 4
+        else:
+            raise Unsupported(f"dataspace version {version}")
+        if rank > 32:
+            raise Unsupported(f"dataspace rank {rank}")
+        shape = tuple(self.uint(dims + i * self.lengths, self.lengths) for i in range(rank))
+        if flags & 1:  # maximum dimensions follow: libhdf5 refuses a file where one is exceeded
+            unlimited = (1 << (8 * self.lengths)) - 1
+            limits = (self.uint(dims + (rank + i) * self.lengths, self.lengths) for i in range(rank))
+            if any(n > limit != unlimited for n, limit in zip(shape, limits)):
+                raise Unsupported("a dimension beyond its maximum")
+        return shape
+
+    def datatype(self, at: int) -> Datatype:
+        head = self.uint(at, 1)
+        kind, bits, size = head & 0x0F, self.uint(at + 1, 3), self.uint(at + 4, 4)
+        if not 1 <= head >> 4 <= 4:
+            raise Unsupported(f"datatype version {head >> 4}")
+        props = at + 8
+        if kind == 0:  # integer
+            name = INTEGERS.get((size, bool(bits & 0x08)))
+            if name is None or self.uint(props, 2) + self.uint(props + 2, 2) > 8 * size:
+                raise Unsupported(f"a {size}-byte integer")
+            return Datatype(kind, size, name, big_endian=bool(bits & 1))
+        if kind == 1:  # float: IEEE only, either byte order
+            if bits & 0x40:
+                raise Unsupported("VAX float order")
+            layout = (size, self.uint(props + 4, 1), self.uint(props + 5, 1), self.uint(props + 7, 1))
+            name = IEEE_FLOATS.get((*layout, self.uint(props + 8, 4)))
+            if name is None or self.uint(props + 6, 1) != 0 or self.uint(props, 2) != 0:
+                raise Unsupported(f"a non-IEEE {size}-byte float")
+            return Datatype(kind, size, name, big_endian=bool(bits & 1))
+        if kind in (8, 9):  # enum, variable length: of a base type, which libhdf5 checks too
+            self.datatype(props)
+        if kind == 9:  # a sequence, or a string
+            return Datatype(kind, size, vlen_string=bits & 0x0F == 1)
+        if kind in (2, 4, 8) and size not in (1, 2, 4, 8):  # time, bitfield, enum
+            raise Unsupported(f"a {size}-byte value of datatype class {kind}")
+        if kind <= 10 and size <= self.size:  # string, opaque, array; time, bitfield, compound, reference, enum
+            return Datatype(kind, size)
+        raise Unsupported(f"datatype class {kind}")
+
+    def layout(self, at: int) -> tuple[int, int | None, int]:
+        version = self.uint(at, 1)
+        if version in (3, 4):
+            kind = self.uint(at + 1, 1)
+            if kind == 1:
+                return kind, self.address(at + 2), self.uint(at + 2 + self.offsets, self.lengths)
+            if kind == 0:  # compact: values in the header
+                return kind, None, self.uint(at + 2, 2)
+            return kind, None, 0  # chunked or virtual
+        if version in (1, 2):
+            kind = self.uint(at + 2, 1)
+            if kind == 1:
+                return kind, self.address(at + 8), 0
+            return kind, None, 0
+        raise Unsupported(f"layout version {version}")
+
+    def link(self, at: int) -> tuple[str, int | None, int | None]:
+        """(name, address of a hard link's object or None, creation order or None)."""
+        if self.uint(at, 1) != 1:
+            raise Unsupported("link message version")
+        flags, pos = self.uint(at + 1, 1), at + 2
+        kind = 0
+        if flags & 0x08:
+            kind, pos = self.uint(pos, 1), pos + 1
+        order = None
+        if flags & 0x04:
+            order, pos = self.uint(pos, 8), pos + 8
+        if flags & 0x10:
+            pos += 1  # the name's character set: h5py gives the bytes either way
+        width = 1 << (flags & 3)
+        length, pos = self.uint(pos, width), pos + width
+        name = self.text(self.raw(pos, length))
+        return name, self.defined(pos + length) if kind == 0 else None, order
+
+    def check_link_info(self, at: int) -> None:
+        flags = self.uint(at + 1, 1)
+        heap = at + 2 + (8 if flags & 1 else 0)
+        if self.address(heap) is not None:
+            raise Unsupported("dense link storage")
+
+    def attribute_info(self, at: int) -> None:
+        flags = self.uint(at + 1, 1)
+        heap = at + 2 + (2 if flags & 1 else 0)
+        if self.address(heap) is not None:
+            raise Unsupported("dense attribute storage")
+
+    def attribute(self, at: int, length: int) -> tuple[str, Attribute]:
+        version = self.uint(at, 1)
+        name_size, type_size, space_size = self.uint(at + 2, 2), self.uint(at + 4, 2), self.uint(at + 6, 2)
+        if version == 1:
+            pad = lambda n: -(-n // 8) * 8  # noqa: E731 - fields are padded to 8 bytes
+            pos = at + 8
+        elif version in (2, 3):
+            pad = lambda n: n  # noqa: E731
+            pos = at + 8 + (1 if version == 3 else 0)
+        else:
+            raise Unsupported(f"attribute version {version}")
+        if version >= 2 and self.uint(at + 1, 1) & 0x03:
+            raise Unsupported("an attribute with a shared type or dataspace")
+        name = self.text(self.raw(pos, name_size)).rstrip("\0")
+        pos += pad(name_size)
+        datatype = self.datatype(pos)
+        pos += pad(type_size)
+        shape = self.dataspace(pos)
+        pos += pad(space_size)
+        if pos + (math.prod(shape) if shape is not None else 0) * datatype.size > at + length:
+            raise Unsupported(f"attribute {name!r} overruns its message")
+        return name, Attribute(datatype, shape, pos)
+
+    @staticmethod
+    def text(raw: bytes) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Unsupported("a name that is not UTF-8") from None
+
+    # --- groups --------------------------------------------------------------------------------
+
+    def links(self, group: Object) -> list[tuple[str, int | None]]:
+        """A group's links as (name, address or None), in the order `hdf5.links_of` gives."""
+        found: list[tuple[str, int | None, int | None]]
+        if group.symbol_table is not None:
+            found = [(name, address, None) for name, address in self.symbol_table(*group.symbol_table)]
+        else:
+            found = list(group.links)
+        if any(name in ("", ".") or "/" in name for name, _, _ in found):
+            raise Unsupported("a link name libhdf5 would refuse or resolve elsewhere")
+        found.sort(key=lambda link: link[0].encode())
+        if found and all(order is not None for _, _, order in found):
+            found.sort(key=lambda link: link[2] or 0)
+        else:
+            found.sort(key=lambda link: natural_key(link[0]))
+        return [(name, address) for name, address, _ in found]
+
+    def symbol_table(self, tree: int, heap: int) -> Iterator[tuple[str, int | None]]:
+        self.signature(heap, b"HEAP")
+        if self.uint(heap + 4, 1) != 0:
+            raise Unsupported(f"local heap version at {heap}")
+        heap_size = self.uint(heap + 8, self.lengths)
+        heap_data = self.defined(heap + 8 + 2 * self.lengths)
+        names = self.raw(heap_data, heap_size)
+        self.check_free_list(names, self.uint(heap + 8 + self.lengths, self.lengths))
+        entry = 2 * self.offsets + 24
+        last = b""  # names are in strictly increasing order: libhdf5 finds them by binary search
+        for node in self.leaves(tree, heap_size):
+            self.signature(node, b"SNOD")
+            if self.uint(node + 4, 1) != 1:
+                raise Unsupported(f"symbol table node version at {node}")
+            count = self.uint(node + 6, 2)
+            for i in range(count):
+                pos = node + 8 + i * entry
+                start = self.uint(pos, self.offsets)
+                end = names.find(b"\0", start) - start if start < heap_size else -1
+                if end < 0:
+                    raise Unsupported("a link name outside its heap")
+                cache = self.uint(pos + 2 * self.offsets, 4)
+                if cache > 2:
+                    raise Unsupported(f"symbol table entry cache type {cache}")
+                address = None if cache == 2 else self.defined(pos + self.offsets)  # 2: a soft link
+                name = names[start : start + end]
+                if name <= last:
+                    raise Unsupported("symbol table names out of order")
+                last = name
+                yield self.text(name), address
+
+    def check_free_list(self, heap: bytes, block: int) -> None:
+        """Each free block of a local heap: (next block, size) within the heap, as libhdf5 checks."""
+        seen = set()
+        while block != 1 and block != (1 << (8 * self.lengths)) - 1:  # the two spellings of "none"
+            if block in seen or block + 2 * self.lengths > len(heap):
+                raise Unsupported("bad heap free list")
+            seen.add(block)
+            size = int.from_bytes(heap[block + self.lengths : block + 2 * self.lengths], "little")
+            if block + size > len(heap):
+                raise Unsupported("bad heap free list")
+            block = int.from_bytes(heap[block : block + self.lengths], "little")
+
+    def leaves(self, root: int, heap_size: int) -> list[int]:
+        """The symbol table nodes a group's v1 B-tree leads to; its keys are offsets of names in
+        the group's local heap (of HEAP_SIZE bytes)."""
+        found, stack, seen = [], [root], set()
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                raise Unsupported("a B-tree loop")
+            seen.add(node)
+            self.spend()
+            self.signature(node, b"TREE")
+            if self.uint(node + 4, 1) != 0:
+                raise Unsupported("not a group B-tree")
+            level, entries = self.uint(node + 5, 1), self.uint(node + 6, 2)
+            first = node + 8 + 2 * self.offsets
+            step = self.lengths + self.offsets
+            children = [self.defined(first + self.lengths + i * step) for i in range(entries)]
+            if any(self.uint(first + i * step, self.lengths) >= heap_size for i in range(entries + 1)):
+                raise Unsupported("a B-tree key outside the group's heap")
+            if level == 0:
+                found += children
+            else:
+                stack += reversed(children)
+        return found
+
+    # --- values --------------------------------------------------------------------------------
+
+    def strings(self, attribute: Attribute) -> list[str] | str | None:
+        """A string attribute's value: a list for an array, a str for a scalar; None for any other."""
+        kind, shape = attribute.type, attribute.shape
+        if shape is None or (kind.kind != 3 and not kind.vlen_string):
+            return None
+        count = math.prod(shape)
+        if count * max(kind.size, 1) > self.size:
+            raise Unsupported("an attribute larger than the file")
+        values = [self.string(kind, attribute.data + i * kind.size) for i in range(count)]
+        return values if shape else values[0]
+
+    def string(self, kind: Datatype, at: int) -> str:
+        if kind.kind == 3:
+            raw = self.raw(at, kind.size).rstrip(b"\0")
+        else:  # length, then the global heap collection and the object's index in it
+            raw = self.heap_object(self.defined(at + 4), self.uint(at + 4 + self.offsets, 4))
+            if len(raw) != self.uint(at, 4):
+                raise Unsupported("a global heap object of another size than its reference says")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Unsupported("a string attribute that is not UTF-8") from None
+
+    def heap_object(self, collection: int, index: int) -> bytes:
+        if collection not in self.heaps:
+            self.heaps[collection] = self.global_heap(collection)
+        try:
+            return self.heaps[collection][index]
+        except KeyError:
+            raise Unsupported(f"no object {index} in the global heap at {collection}") from None
+
+    def global_heap(self, at: int) -> dict[int, bytes]:
+        self.signature(at, b"GCOL")
+        end = at + self.uint(at + 8, self.lengths)
+        self.raw(at, end - at)
+        header = -(-(8 + self.lengths) // 8) * 8  # the collection's header and each object's, 8-aligned
+        objects, pos = {}, at + header
+        while pos + header <= end:
+            self.spend()
+            index, size = self.uint(pos, 2), self.uint(pos + 8, self.lengths)
+            if index == 0:  # free space: the rest of the collection
+                break
+            data = pos + header
+            objects[index] = self.raw(data, size)
+            pos = data + -(-size // 8) * 8
+        return objects
+
+    # --- rows ----------------------------------------------------------------------------------
+
+    def rows(self) -> list[Tensor]:
+        """As `hdf5.read_rows`: every numeric dataset, hard links as ties, in Keras's listed order."""
+        rows: dict[str, Tensor] = {}
+        root = self.object(self.root)
+        groups = {"": root}
+        first: dict[int, str] = {}  # object address -> the path it was first reached by (as h5py's walk)
+        stack = [("", iter(self.links(root)))]
+        while stack:
+            prefix, links = stack[-1]
+            link = next(links, None)
+            if link is None:
+                stack.pop()
+                continue
+            name, address = link
+            path = prefix + name
+            if address is None:
+                continue  # a soft or external link: never followed
+            if address in first:
+                if first[address] in rows:
+                    same = rows[first[address]]
+                    rows[path] = Tensor(path, same.shape, same.dtype, same.storage)
+                continue
+            first[address] = path
+            self.spend()
+            found = self.object(address)
+            if found.is_group:
+                if found.attributes:
+                    groups[path] = found
+                stack.append((path + "/", iter(self.links(found))))
+            elif found.layout is not None:
+                row = self.dataset_tensor(found, path)
+                if row is not None:
+                    rows[path] = row
+            elif found.type is None:
+                raise Unsupported(f"object {path!r} is neither a group, a dataset nor a datatype")
+        listed = dict.fromkeys(n for n in self.listed_weights(groups) if n in rows)
+        ties = root.attributes.get(TIES_ATTR)
+        for alias, kept in declared_ties(self.strings(ties) if ties else None).items():
+            a, k = rows.get(alias), rows.get(kept)
+            if a is not None and k is not None and (a.shape, a.dtype) == (k.shape, k.dtype):
+                rows[alias] = Tensor(alias, k.shape, k.dtype, k.storage, k.offset, k.stride, attrs={"alias_of": kept})
+        slots = iter(listed)
+        return [rows[next(slots) if name in listed else name] for name in rows]
+
+    def dataset_tensor(self, ds: Object, name: str) -> Tensor | None:
+        """As `hdf5.dataset_tensor`."""
+        assert ds.layout is not None
+        if ds.type is None:
+            raise Unsupported(f"dataset {name!r} has no datatype")
+        kind, address, size = ds.layout
+        offset = address if kind == 1 else None
+        if ds.shape is None or (offset is None and (ds.external or kind == 3)):
+            return None
+        dtype = self.tensor_dtype(ds)
+        if dtype is None:
+            return None
+        nbytes = math.prod(ds.shape) * itemsize(dtype)
+        image = self.image
+        if offset is None or image.data is not None or ds.type.big_endian:
+            storage = Storage(nbytes, path=image.path, load=functools.partial(read_dataset, image, name))
+        elif offset + nbytes > self.size or size not in (0, nbytes):
+            raise Unsupported(f"dataset {name!r} lies beyond the end of the file")  # h5py says how
+        else:
+            storage = Storage(nbytes, path=image.path, offset=image.offset + offset)
+        return Tensor(name, ds.shape, dtype, storage)
+
+    def tensor_dtype(self, ds: Object) -> str | None:
+        kind = ds.type
+        assert kind is not None
+        if kind.kind in NOT_TENSORS:
+            return None
+        if kind.dtype is None and kind.kind != 5:
+            raise Unsupported(f"datatype class {kind.kind}")  # bool (enum), complex (compound), ...
+        if kind.kind == 5:  # opaque: a tensor only when tagged with a dtype of its size
+            tag = ds.attributes.get("dtype") if kind.size in TAGGED_SIZES else None
+            value = self.strings(tag) if tag is not None else None
+            return value if isinstance(value, str) and value in TAGGED and itemsize(value) == kind.size else None
+        return kind.dtype
+
+    def listed_weights(self, groups: dict[str, Object]) -> Iterator[str]:
+        """As `hdf5.listed_weights`."""
+        for path, group in groups.items():
+            for layer in self.attr_list(group, "layer_names"):
+                layer_path = join(path, layer)
+                if layer_path in groups:
+                    yield from (join(layer_path, w) for w in self.attr_list(groups[layer_path], "weight_names"))
+            yield from (join(path, w) for w in self.attr_list(group, "weight_names"))
+
+    def attr_list(self, group: Object, name: str) -> list[str]:
+        """As `hdf5.attr_list`: NAME, or NAME0, NAME1, ... when Keras split a large list."""
+        attrs = group.attributes
+        split = (f"{name}{i}" for i in range(len(attrs)))
+        keys = [name] if name in attrs else takewhile(attrs.__contains__, split)
+        values: list[str] = []
+        for key in keys:
+            attribute = attrs[key]
+            value = self.strings(attribute)
+            if value is None and attribute.shape and math.prod(attribute.shape):
+                raise Unsupported(f"attribute {key!r} is not text")  # h5py would list its numbers
+            if isinstance(value, list):
+                values += value
+        return values
