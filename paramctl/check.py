@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from paramctl.dtypes import FLOATING, check_name
 from paramctl.errors import UsageError
-from paramctl.stats import summarize
+from paramctl.stats import summaries
 from paramctl.table import Tensor, compile_pattern
 
 Failure = dict[str, Any]
 
 
 def check(
-    tensors: Iterable[Tensor],
+    tensors: Sequence[Tensor],
     max_abs: float | None = None,
     dtype: str | None = None,
     no_all_zero: bool = False,
     expected: dict[str, dict[str, Any]] | None = None,
+    progress: Callable[[Sequence[Tensor]], Iterable[Tensor]] = iter,
 ) -> list[Failure]:
     """Every rule TENSORS break: no NaN/Inf always; the others when asked for."""
     if dtype is not None:
@@ -30,9 +31,8 @@ def check(
         failures.append({"name": name, "rule": rule, "detail": detail})
 
     seen = set()
-    for t in tensors:
+    for t, s in zip(progress(tensors), summaries(tensors)):
         seen.add(t.name)
-        s = summarize(t)
         if s.nans:
             fail(t.name, "nan", f"{s.nans} NaN of {t.numel}")
         if s.infs:

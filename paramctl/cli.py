@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import click
@@ -177,7 +177,7 @@ def unique_numel(tensors: list[Tensor]) -> tuple[int, int]:
 # --- commands ----------------------------------------------------------------------------------
 
 
-def with_progress(tensors: list[Tensor]) -> Any:
+def with_progress(tensors: Sequence[Tensor]) -> Iterator[Tensor]:
     """TENSORS, with a progress bar on stderr when it is a terminal and the work is large."""
     total = sum(t.nbytes for t in tensors)
     if not output.stderr_is_terminal() or total < 256 << 20:
@@ -198,6 +198,9 @@ def refuse_terminal(dst: str) -> None:
 
 
 def main() -> None:
+    # paramctl spreads streamed work over the cores itself (stats forks a helper process); BLAS
+    # threads on top of that would compete for the same cores, spinning. Set before numpy loads.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     cli(prog_name="paramctl")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import ml_dtypes
 import numpy as np
@@ -13,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import paramctl
+from paramctl import stats
+from paramctl.errors import FormatError
 from paramctl.stats import Summary, summarize
 from paramctl.table import tensor_from_array
 
@@ -177,6 +180,76 @@ def test_stats_streams_from_file_in_chunks(tmp_path):
     sizes = [c.size for c in tensor.chunks(1000)]
     assert sizes == [1000] * 10 + [1]
     assert_close(summarize(tensor, chunk=1000).row(), reference(values), rel=1e-9)
+
+
+def test_chunks_of_a_range_read_only_that_range(tmp_path):
+    from safetensors.numpy import save_file
+
+    values = RNG.normal(0, 1, 10_001).astype(np.float32)
+    save_file({"x": values}, str(tmp_path / "x.safetensors"))
+    tensor = paramctl.load(str(tmp_path / "x.safetensors"))["x"]
+    for start, stop in [(0, 10_001), (3, 4), (5000, 10_001), (9_999, None), (7, 7), (10_001, None)]:
+        got = [c.copy() for c in tensor.chunks(1000, start, stop)]
+        want = values[start:stop]
+        assert np.array_equal(np.concatenate(got) if got else np.empty(0, np.float32), want)
+        assert all(c.size <= 1000 for c in got)
+
+
+@pytest.fixture
+def parallel(monkeypatch):
+    """summaries() splits work with a helper process even for small tensors."""
+    monkeypatch.setattr(stats, "PARALLEL_BYTES", 0)
+    monkeypatch.setattr(stats, "BLOCK", 1024)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+
+
+def test_a_helper_process_takes_half_of_each_large_tensor_and_the_answers_hold(tmp_path, parallel, monkeypatch):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(3)
+    arrays = {
+        "big": rng.normal(3, 0.01, 100_003).astype(np.float32),  # split mid-way; a large mean
+        "special": np.concatenate([rng.normal(0, 1, 9000), [np.nan, np.inf, -np.inf, 0.0]]).astype(np.float32),
+        "small": rng.normal(0, 1, 100).astype(np.float32),  # too small to split
+        "ints": rng.integers(-5, 5, 50_000).astype(np.int16),
+    }
+    path = tmp_path / "x.safetensors"
+    save_file(arrays, str(path))
+    tensors = list(paramctl.load(str(path)))
+    assert {t.name: stats.split_point(t) < t.numel for t in tensors} == {
+        "big": True,
+        "special": True,
+        "small": False,
+        "ints": True,
+    }
+    in_memory = tensor_from_array("memory", arrays["big"])  # not read from a file: never split
+    assert stats.split_point(in_memory) == in_memory.numel
+    forks: list[int] = []
+    real_fork = os.fork
+    monkeypatch.setattr(os, "fork", lambda: forks.append(1) or real_fork())
+    got = list(stats.summaries([*tensors, in_memory]))
+    assert forks == [1]
+    for t, summary in zip([*tensors, in_memory], got):
+        assert_close(summary.row(), reference(arrays.get(t.name, arrays["big"])), rel=1e-9)
+    # the split is deterministic: the same numbers come back when both halves are computed here
+    halves = [stats.summarize(t, stop=stats.split_point(t)) for t in tensors]
+    for half, t in zip(halves, tensors):
+        half.merge(stats.summarize(t, start=stats.split_point(t)))
+    assert [h.row() for h in halves] == [g.row() for g in got[:4]]
+
+
+def test_an_error_in_the_helpers_half_is_a_clean_error(tmp_path, parallel):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "x.safetensors"
+    save_file({"a": np.zeros(50_000, np.float32), "b": np.ones(50_000, np.float32)}, str(path))
+    tensors = list(paramctl.load(str(path)))
+    with open(path, "r+b") as f:  # cut the file inside b's second half: the helper's
+        f.truncate(path.stat().st_size - 1000)
+    found = stats.summaries(tensors)
+    assert next(found).row()["mean"] == 0.0
+    with pytest.raises(FormatError, match="truncated: tensor 'b' ends early"):
+        next(found)
 
 
 # --- check ---------------------------------------------------------------------------------------

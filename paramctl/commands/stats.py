@@ -56,7 +56,7 @@ def stats_command(ckpt: str, pattern: str | None, exclude: tuple[str, ...], hist
     tensors = selected(load(ckpt), pattern, exclude)
     columns = STATS_COLUMNS + (["hist"] if hist else [])
     resolved = output.resolve(fmt)
-    rows = stats_rows(with_progress(tensors), hist)
+    rows = stats_rows(tensors, hist, with_progress)
     if resolved in ("json", "jsonl"):
         output.emit(rows, columns, resolved)
         return
@@ -128,7 +128,7 @@ def check_command(
     tensors = selected(table, pattern, exclude)
     expected = read_expectations(expect, pattern, exclude) if expect else None
     failures = check(
-        with_progress(tensors), max_abs=max_abs, dtype=want_dtype, no_all_zero=no_all_zero, expected=expected
+        tensors, max_abs=max_abs, dtype=want_dtype, no_all_zero=no_all_zero, expected=expected, progress=with_progress
     )
     resolved = output.resolve(fmt)
     if resolved == "json":
