@@ -30,9 +30,9 @@ from paramctl.formats.hdf5 import (
     TAGGED_SIZES,
     TIES_ATTR,
     H5Image,
-    declared_ties,
-    join,
+    listed_weights,
     natural_key,
+    ordered_rows,
     read_dataset,
 )
 from paramctl.table import Storage, Tensor
@@ -641,14 +641,8 @@ class Reader:
                     rows[path] = row
             elif found.type is None:
                 raise Unsupported(f"object {path!r} is neither a group, a dataset nor a datatype")
-        listed = dict.fromkeys(n for n in self.listed_weights(groups) if n in rows)
         ties = root.attributes.get(TIES_ATTR)
-        for alias, kept in declared_ties(self.strings(ties) if ties else None).items():
-            a, k = rows.get(alias), rows.get(kept)
-            if a is not None and k is not None and (a.shape, a.dtype) == (k.shape, k.dtype):
-                rows[alias] = Tensor(alias, k.shape, k.dtype, k.storage, k.offset, k.stride, attrs={"alias_of": kept})
-        slots = iter(listed)
-        return [rows[next(slots) if name in listed else name] for name in rows]
+        return ordered_rows(rows, list(listed_weights(groups, self.attr_list)), self.strings(ties) if ties else None)
 
     def dataset_tensor(self, ds: Object, name: str) -> Tensor | None:
         """As `hdf5.dataset_tensor`."""
@@ -684,15 +678,6 @@ class Reader:
             value = self.strings(tag) if tag is not None else None
             return value if isinstance(value, str) and value in TAGGED and itemsize(value) == kind.size else None
         return kind.dtype
-
-    def listed_weights(self, groups: dict[str, Object]) -> Iterator[str]:
-        """As `hdf5.listed_weights`."""
-        for path, group in groups.items():
-            for layer in self.attr_list(group, "layer_names"):
-                layer_path = join(path, layer)
-                if layer_path in groups:
-                    yield from (join(layer_path, w) for w in self.attr_list(groups[layer_path], "weight_names"))
-            yield from (join(path, w) for w in self.attr_list(group, "weight_names"))
 
     def attr_list(self, group: Object, name: str) -> list[str]:
         """As `hdf5.attr_list`: NAME, or NAME0, NAME1, ... when Keras split a large list."""

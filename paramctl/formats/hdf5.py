@@ -22,13 +22,13 @@ import re
 import select
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from itertools import takewhile
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from paramctl.dtypes import ITEMSIZE, from_numpy, itemsize
 from paramctl.errors import FormatError, ParamctlError, UsageError
@@ -44,6 +44,7 @@ TAGGED_SIZES = {itemsize(name) for name in TAGGED}
 TIES_ATTR = "paramctl_ties"
 H5PY_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
 DIGITS = re.compile(r"(\d+)")
+G = TypeVar("G")  # a group, as h5py's or paramctl's own reader holds it
 
 
 class FileWindow(io.RawIOBase):
@@ -251,14 +252,21 @@ def read_rows(image: H5Image) -> list[Tensor]:
                     rows[name] = row
             elif isinstance(item, h5g.GroupID) and h5a.get_num_attrs(item):
                 groups[name] = h5py.Group(item)
-        listed = dict.fromkeys(n for n in listed_weights(groups) if n in rows)
+        listed = list(listed_weights(groups, attr_list))
         declared = checked_attr(f, TIES_ATTR) if TIES_ATTR in f.attrs else None
+    return ordered_rows(rows, listed, declared)
+
+
+def ordered_rows(rows: dict[str, Tensor], listed: list[str], declared: Any) -> list[Tensor]:
+    """ROWS (in file order) with the ties DECLARED in paramctl's root attribute made views again,
+    and the rows Keras lists (LISTED) in its order: loading is positional."""
+    listed_rows = dict.fromkeys(n for n in listed if n in rows)
     for alias, kept in declared_ties(declared).items():
         a, k = rows.get(alias), rows.get(kept)
         if a is not None and k is not None and (a.shape, a.dtype) == (k.shape, k.dtype):
             rows[alias] = Tensor(alias, k.shape, k.dtype, k.storage, k.offset, k.stride, attrs={"alias_of": kept})
-    slots = iter(listed)
-    return [rows[next(slots) if name in listed else name] for name in rows]
+    slots = iter(listed_rows)
+    return [rows[next(slots) if name in listed_rows else name] for name in rows]
 
 
 def declared_ties(raw: Any) -> dict[str, str]:
@@ -415,9 +423,11 @@ def read_dataset(image: H5Image, name: str) -> bytes:
     return values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
-def listed_weights(groups: dict[str, h5py.Group]) -> Iterator[str]:
+def listed_weights(groups: dict[str, G], attr_list: Callable[[G, str], list[str]]) -> Iterator[str]:
     """Dataset paths in the order Keras lists them: each group's `layer_names` (the layer groups'
-    `weight_names` in turn), then its own `weight_names` (optimizer_weights, top_level_model_weights)."""
+    `weight_names` in turn), then its own `weight_names` (optimizer_weights, top_level_model_weights).
+
+    ATTR_LIST(group, name) reads a list Keras saved as attribute NAME of a group of GROUPS."""
     for path, group in groups.items():
         for layer in attr_list(group, "layer_names"):
             layer_path = join(path, layer)
