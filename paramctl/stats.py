@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from paramctl.dtypes import itemsize
-from paramctl.errors import ParamctlError
+from paramctl.forked import streamed
 from paramctl.table import CHUNK_ELEMENTS, Tensor
 
 HIST_BINS = 16
@@ -167,7 +164,7 @@ def summaries(tensors: Sequence[Tensor]) -> Iterator[Summary]:
     if helped < PARALLEL_BYTES or not hasattr(os, "fork") or os.environ.get("OPENBLAS_NUM_THREADS") != "1":
         yield from (summarize(t) for t in tensors)
         return
-    with helper(lambda: (summarize(t, start=at) for t, at in zip(tensors, splits) if at < t.numel)) as halves:
+    with streamed(lambda: (summarize(t, start=at) for t, at in zip(tensors, splits) if at < t.numel)) as halves:
         for t, at in zip(tensors, splits):
             summary = summarize(t, stop=at)
             if at < t.numel:
@@ -181,47 +178,6 @@ def split_point(t: Tensor) -> int:
     if not t.streams or t.numel < 4 * BLOCK:
         return t.numel
     return t.numel // 2 // BLOCK * BLOCK
-
-
-@contextmanager
-def helper(work: Callable[[], Iterable[Any]]) -> Iterator[Iterator[Any]]:
-    """The items of WORK(), computed in a forked child and read back in order as they come; the
-    child's error is raised where its item would be. The child is killed when this is left."""
-    readable, writable = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: send each item, or the error, and leave without the parent's cleanup
-        try:
-            os.close(readable)
-            with os.fdopen(writable, "wb") as out:
-                try:
-                    for item in work():
-                        pickle.dump(("ok", item), out)
-                        out.flush()
-                except ParamctlError as e:
-                    pickle.dump(("error", e), out)
-                except Exception as e:  # noqa: BLE001 - reported as this process's own bug would be
-                    pickle.dump(("error", RuntimeError(f"{type(e).__name__}: {e}")), out)
-        finally:
-            os._exit(0)
-    os.close(writable)
-    pipe = os.fdopen(readable, "rb")
-
-    def items() -> Iterator[Any]:
-        while True:
-            try:
-                kind, item = pickle.load(pipe)  # our own child's answer
-            except EOFError:
-                raise RuntimeError("the statistics helper process ended early") from None
-            if kind == "error":
-                raise item
-            yield item
-
-    try:
-        yield items()
-    finally:
-        pipe.close()
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
 
 
 def stats_rows(

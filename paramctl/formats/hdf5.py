@@ -17,11 +17,7 @@ import io
 import json
 import math
 import os
-import pickle
 import re
-import select
-import signal
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -31,7 +27,8 @@ from operator import attrgetter
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from paramctl.dtypes import ITEMSIZE, from_numpy, itemsize
-from paramctl.errors import FormatError, ParamctlError, UsageError
+from paramctl.errors import FormatError, UsageError
+from paramctl.forked import in_child
 from paramctl.table import Checkpoint, Storage, Tensor
 
 if TYPE_CHECKING:
@@ -154,56 +151,6 @@ def read_tensors(image: H5Image) -> list[Tensor]:
         return h5native.read_rows(image)
     except h5native.Unsupported:
         return in_child(read_rows, (image,), READ_SECONDS + image.nbytes / 100e6, image.path, "reading this file")
-
-
-def in_child(fn: Any, args: tuple, limit: float, path: str, doing: str) -> Any:
-    """FN(*ARGS) run in a forked child that is killed after LIMIT seconds: its result, or its error.
-
-    libhdf5 can loop for ever on a damaged file (a corrupt heap under a string attribute) while
-    holding the GIL, so nothing in this process could interrupt it; a child can be killed."""
-    if not hasattr(os, "fork"):
-        return fn(*args)
-    readable, writable = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: run, send the outcome back, leave without any cleanup of the parent's
-        try:
-            os.close(readable)
-            try:
-                outcome: tuple = ("ok", fn(*args))
-            except ParamctlError as e:
-                outcome = ("error", e)
-            except OSError as e:
-                outcome = ("oserror", (e.errno, e.strerror or str(e)))
-            except Exception as e:
-                outcome = ("bug", f"{type(e).__name__}: {e}")
-            with os.fdopen(writable, "wb") as out:
-                pickle.dump(outcome, out)
-        finally:
-            os._exit(0)
-    os.close(writable)
-    data = bytearray()
-    deadline = time.monotonic() + limit
-    with os.fdopen(readable, "rb", buffering=0) as pipe:
-        while chunk := _read_until(pipe, deadline):
-            data += chunk
-    if time.monotonic() >= deadline:
-        os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    if not data:
-        raise FormatError(f"the HDF5 library did not finish {doing} in {limit:.0f} s", path)
-    kind, value = pickle.loads(bytes(data))  # our own child's answer
-    if kind == "ok":
-        return value
-    if kind == "error":
-        raise value
-    if kind == "oserror":
-        raise OSError(*value)
-    raise RuntimeError(value)
-
-
-def _read_until(pipe: Any, deadline: float) -> bytes:
-    ready, _, _ = select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))
-    return pipe.read(1 << 20) if ready else b""
 
 
 def root_attributes(ckpt: Checkpoint) -> dict[str, Any]:
