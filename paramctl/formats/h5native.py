@@ -37,49 +37,6 @@ from paramctl.formats.hdf5 import (
 )
 from paramctl.table import Storage, Tensor
 
-M32 = 0xFFFFFFFF
-
-
-# lookup3's rounds as (x, y, z, k): mix does s[x] = (s[x] - s[y]) ^ rot(s[y], k); s[y] += s[z];
-# final does s[x] = (s[x] ^ s[y]) - rot(s[y], k)
-MIX = [(0, 2, 1, 4), (1, 0, 2, 6), (2, 1, 0, 8), (0, 2, 1, 16), (1, 0, 2, 19), (2, 1, 0, 4)]
-FINAL = [(2, 1, 14), (0, 2, 11), (1, 0, 25), (2, 1, 16), (0, 2, 4), (1, 0, 14), (2, 1, 24)]
-
-
-def rot(x: int, k: int) -> int:
-    return ((x << k) | (x >> (32 - k))) & M32
-
-
-def lookup3(data: bytes) -> int:
-    """Bob Jenkins' lookup3 `hashlittle` with seed 0: the checksum of HDF5's newer metadata."""
-    s = [(0xDEADBEEF + len(data)) & M32] * 3
-    if not data:
-        return s[2]
-    padded = data + bytes(-len(data) % 12)  # the tail, zero-padded, adds what its bytes add
-    last = (len(data) - 1) // 12 * 12  # the last block is finalized, every other one mixed
-    for i in range(0, last + 12, 12):
-        for j in range(3):
-            s[j] = (s[j] + int.from_bytes(padded[i + 4 * j : i + 4 * j + 4], "little")) & M32
-        if i < last:
-            for x, y, z, k in MIX:
-                s[x] = ((s[x] - s[y]) & M32) ^ rot(s[y], k)
-                s[y] = (s[y] + s[z]) & M32
-        else:
-            for x, y, k in FINAL:
-                s[x] = ((s[x] ^ s[y]) - rot(s[y], k)) & M32
-    return s[2]
-
-
-class Unsupported(Exception):
-    """The file needs h5py: it uses a feature this module does not read, or it is damaged."""
-
-
-def check_flags(flags: int) -> None:
-    """libhdf5 refuses these combinations of message flags."""
-    if (flags & SHARED and flags & DONT_SHARE) or (flags & WAS_UNKNOWN and not flags & MARK_IF_UNKNOWN):
-        raise Unsupported(f"bad message flags {flags:#x}")
-
-
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MAX_OBJECTS = 1 << 20  # object headers, B-tree nodes and messages: a bound on any loop
 
@@ -98,6 +55,10 @@ IEEE_FLOATS = {
 }
 INTEGERS = {(1, True): "int8", (2, True): "int16", (4, True): "int32", (8, True): "int64"}
 INTEGERS |= {(1, False): "uint8", (2, False): "uint16", (4, False): "uint32", (8, False): "uint64"}
+
+
+class Unsupported(Exception):
+    """The file needs h5py: it uses a feature this module does not read, or it is damaged."""
 
 
 def read_rows(image: H5Image) -> list[Tensor]:
@@ -195,7 +156,7 @@ class Reader:
         return found
 
     def signature(self, pos: int, expected: bytes) -> None:
-        if (self.raw(pos, len(expected))) != expected:
+        if self.raw(pos, len(expected)) != expected:
             raise Unsupported(f"no {expected!r} at {pos}")
 
     # --- superblock ----------------------------------------------------------------------------
@@ -693,3 +654,42 @@ class Reader:
             if isinstance(value, list):
                 values += value
         return values
+
+
+def check_flags(flags: int) -> None:
+    """libhdf5 refuses these combinations of message flags."""
+    if (flags & SHARED and flags & DONT_SHARE) or (flags & WAS_UNKNOWN and not flags & MARK_IF_UNKNOWN):
+        raise Unsupported(f"bad message flags {flags:#x}")
+
+
+M32 = 0xFFFFFFFF
+
+
+# lookup3's rounds as (x, y, z, k): mix does s[x] = (s[x] - s[y]) ^ rot(s[y], k); s[y] += s[z];
+# final does s[x] = (s[x] ^ s[y]) - rot(s[y], k)
+MIX = [(0, 2, 1, 4), (1, 0, 2, 6), (2, 1, 0, 8), (0, 2, 1, 16), (1, 0, 2, 19), (2, 1, 0, 4)]
+FINAL = [(2, 1, 14), (0, 2, 11), (1, 0, 25), (2, 1, 16), (0, 2, 4), (1, 0, 14), (2, 1, 24)]
+
+
+def rot(x: int, k: int) -> int:
+    return ((x << k) | (x >> (32 - k))) & M32
+
+
+def lookup3(data: bytes) -> int:
+    """Bob Jenkins' lookup3 `hashlittle` with seed 0: the checksum of HDF5's newer metadata."""
+    s = [(0xDEADBEEF + len(data)) & M32] * 3
+    if not data:
+        return s[2]
+    padded = data + bytes(-len(data) % 12)  # the tail, zero-padded, adds what its bytes add
+    last = (len(data) - 1) // 12 * 12  # the last block is finalized, every other one mixed
+    for i in range(0, last + 12, 12):
+        for j in range(3):
+            s[j] = (s[j] + int.from_bytes(padded[i + 4 * j : i + 4 * j + 4], "little")) & M32
+        if i < last:
+            for x, y, z, k in MIX:
+                s[x] = ((s[x] - s[y]) & M32) ^ rot(s[y], k)
+                s[y] = (s[y] + s[z]) & M32
+        else:
+            for x, y, k in FINAL:
+                s[x] = ((s[x] ^ s[y]) - rot(s[y], k)) & M32
+    return s[2]
