@@ -24,8 +24,13 @@ if TYPE_CHECKING:
 
 
 CHUNK_ELEMENTS = 1 << 22  # 4 Mi elements: 32 MiB once widened to float64
-# chunks are mapped with their pages populated up front: one call instead of a fault per page
-MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+# chunks are mapped read-only with their pages populated up front (Linux): one call instead of a
+# fault per page
+MAP_ARGS: dict[str, int] = (
+    {"flags": mmap.MAP_SHARED | mmap.MAP_POPULATE, "prot": mmap.PROT_READ}
+    if hasattr(mmap, "MAP_POPULATE")
+    else {"access": mmap.ACCESS_READ}
+)
 
 
 @dataclass(eq=False)
@@ -171,7 +176,7 @@ class Tensor:
                 count = min(elements, stop - first)
                 pos = storage.offset + (self.offset + first) * size
                 base = pos - pos % mmap.ALLOCATIONGRANULARITY
-                window = mmap.mmap(f.fileno(), pos - base + count * size, MAP_FLAGS, mmap.PROT_READ, offset=base)
+                window = mmap.mmap(f.fileno(), pos - base + count * size, offset=base, **MAP_ARGS)
                 yield np.frombuffer(window, dt, count, pos - base)
 
     def view_key(self) -> tuple:
