@@ -930,6 +930,58 @@ def test_native_reader_matches_h5py(corpus, name, record_property):
     assert native == expected
 
 
+def make_root_attributes(directory: Path, track_order: bool = False) -> H5Image:
+    """Root attributes of every kind `info` shows: text (fixed and variable length, scalars and
+    arrays), numbers of each dtype and byte order, 2-d arrays; and a bool, which may be declined."""
+    attributes = {
+        "zeta_text": "a variable-length string",
+        "alpha_fixed": np.bytes_(b"fixed"),
+        "grid_text": np.array([["a", "bc"], ["d", "e"]], dtype=h5py.string_dtype()),
+        "big": np.arange(6, dtype=">i4").reshape(2, 3),
+        "epoch": np.int64(7),
+        "lr": 0.125,
+        "half": np.float16(1.5),
+        "names": np.array([b"dense", b"dense_1"]),
+        "bytes": np.arange(4, dtype=np.uint8),
+        "steps": np.array([[1.5, 2.5]], dtype=">f8"),
+    }
+    with new_file(directory, track_order=track_order) as f:
+        # tracking creation order, more than 8 attributes move to dense storage (declined)
+        for key in list(attributes)[: 7 if track_order else None]:
+            f.attrs[key] = attributes[key]
+        f["w"] = np.zeros(2, np.float32)
+    return image(directory)
+
+
+@pytest.mark.parametrize("track_order", [False, True], ids=["name-order", "creation-order"])
+def test_root_attributes_match_h5py_in_value_and_order(tmp_path, track_order):
+    made = make_root_attributes(tmp_path, track_order)
+    want = hdf5.read_root_attributes(made)
+    got = h5native.root_attributes(made)
+    assert list(got.items()) == list(want.items())
+    assert got["big"] == [[0, 1, 2], [3, 4, 5]] and got["grid_text"] == [["a", "bc"], ["d", "e"]]
+    with h5py.File(made.path, "a") as f:
+        f.attrs["flag"] = True  # an enum: read through h5py instead
+    with pytest.raises(h5native.Unsupported):
+        h5native.root_attributes(made)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_native_root_attributes_match_h5py(corpus, name):
+    """`info`'s root attributes: h5py's, or Unsupported (never for the common cases)."""
+    image = corpus(name)
+    try:
+        want = hdf5.read_root_attributes(image)
+    except (ParamctlError, TypeError, OSError):
+        return  # h5py cannot read them all either
+    try:
+        got = h5native.root_attributes(image)
+    except h5native.Unsupported as e:
+        assert not CASES[name].common, f"declined the root attributes of {name}: {e}"
+        return
+    assert json.dumps(list(got.items())) == json.dumps(list(want.items()))
+
+
 def test_the_corpus_has_rows_where_it_should(corpus):
     """The reference finds rows in every case but the one whose only data is untagged bf16."""
     empty = [name for name in CASES if not hdf5.read_rows(corpus(name))]

@@ -18,7 +18,8 @@ import functools
 import math
 import mmap
 import os
-from collections.abc import Iterator
+import struct
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import takewhile
@@ -55,6 +56,7 @@ IEEE_FLOATS = {
 }
 INTEGERS = {(1, True): "int8", (2, True): "int16", (4, True): "int32", (8, True): "int64"}
 INTEGERS |= {(1, False): "uint8", (2, False): "uint16", (4, False): "uint32", (8, False): "uint64"}
+STRUCT_CODES = dict(zip([*INTEGERS.values(), *IEEE_FLOATS.values()], "bhiqBHIQefd"))
 
 
 class Unsupported(Exception):
@@ -63,10 +65,19 @@ class Unsupported(Exception):
 
 def read_rows(image: H5Image) -> list[Tensor]:
     """The rows `hdf5.read_rows(image)` gives, or Unsupported."""
+    return parse(image, lambda reader: reader.rows())
+
+
+def root_attributes(image: H5Image) -> dict[str, Any]:
+    """What `hdf5.read_root_attributes(image)` gives (numbers and text), or Unsupported."""
+    return parse(image, lambda reader: reader.attribute_values(reader.root))
+
+
+def parse(image: H5Image, read: Callable[[Reader], Any]) -> Any:
     try:
         with mapped(image) as (data, start, size):
-            return Reader(data, start, size, image).rows()
-    except (OSError, IndexError, ValueError, KeyError, OverflowError, RecursionError) as e:
+            return read(Reader(data, start, size, image))
+    except (OSError, IndexError, ValueError, KeyError, OverflowError, RecursionError, struct.error) as e:
         raise Unsupported(f"{type(e).__name__}: {e}") from None
 
 
@@ -273,6 +284,8 @@ class Reader:
 
     def object(self, at: int) -> Object:
         found = Object({})
+        order = {}  # attribute name -> creation order, where the header keeps it
+        tracked = self.raw(at, 4) == b"OHDR" and self.uint(at + 5, 1) & 0x04
         for kind, flags, data, length in self.messages(at):
             if kind not in NEEDED:
                 continue
@@ -298,8 +311,11 @@ class Reader:
             elif kind == ATTRIBUTE:
                 name, attribute = self.attribute(data, length)
                 found.attributes[name] = attribute
+                order[name] = self.uint(data - 2, 2) if tracked else 0
             elif kind == ATTRIBUTE_INFO:
                 self.attribute_info(data)
+        # in the order h5py lists them: by creation order where it is tracked, else by name
+        found.attributes = dict(sorted(found.attributes.items(), key=lambda a: (order[a[0]], a[0].encode())))
         return found
 
     # --- messages ------------------------------------------------------------------------------
@@ -529,6 +545,26 @@ class Reader:
         values = [self.string(kind, attribute.data + i * kind.size) for i in range(count)]
         return values if shape else values[0]
 
+    def attribute_values(self, at: int) -> dict[str, Any]:
+        """The attributes of the object at AT as h5py and `hdf5.plain` give them: text, numbers,
+        nested lists for arrays."""
+        return {name: self.value(attribute) for name, attribute in self.object(at).attributes.items()}
+
+    def value(self, attribute: Attribute) -> Any:
+        shape, kind = attribute.shape, attribute.type
+        if shape is None:
+            raise Unsupported("an empty attribute")  # h5py gives an Empty object
+        text = self.strings(attribute)
+        if text is not None:
+            flat = text if isinstance(text, list) else [text]
+        elif kind.dtype is not None:
+            count = math.prod(shape)
+            raw = self.raw(attribute.data, count * kind.size)
+            flat = list(struct.unpack(f"{'>' if kind.big_endian else '<'}{count}{STRUCT_CODES[kind.dtype]}", raw))
+        else:
+            raise Unsupported(f"an attribute of datatype class {kind.kind}")
+        return nested(flat, shape) if shape else flat[0]
+
     def string(self, kind: Datatype, at: int) -> str:
         if kind.kind == 3:
             raw = self.raw(at, kind.size).rstrip(b"\0")
@@ -693,3 +729,11 @@ def lookup3(data: bytes) -> int:
             for x, y, k in FINAL:
                 s[x] = ((s[x] ^ s[y]) - rot(s[y], k)) & M32
     return s[2]
+
+
+def nested(flat: list[Any], shape: tuple[int, ...]) -> list[Any]:
+    """FLAT (C order) as nested lists of SHAPE, as numpy's `tolist` gives them."""
+    if len(shape) <= 1:
+        return flat
+    step = math.prod(shape[1:])
+    return [nested(flat[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]

@@ -155,8 +155,13 @@ def read_tensors(image: H5Image) -> list[Tensor]:
 
 def root_attributes(ckpt: Checkpoint) -> dict[str, Any]:
     """The file's root attributes (keras_version, backend, model_config, ...), JSON-safe."""
+    from paramctl.formats import h5native
+
     image = ckpt.extra.weights if ckpt.format == "keras" else ckpt.extra
-    found = in_child(read_root_attributes, (image,), READ_SECONDS, image.path, "reading the attributes")
+    try:
+        found = h5native.root_attributes(image)
+    except h5native.Unsupported:
+        found = in_child(read_root_attributes, (image,), READ_SECONDS, image.path, "reading the attributes")
     if ckpt.format == "keras" and ckpt.extra.metadata:
         try:
             found.update(json.loads(ckpt.extra.metadata))  # keras_version, date_saved
