@@ -655,10 +655,12 @@ class Reader:
             return None
         nbytes = math.prod(ds.shape) * itemsize(dtype)
         image = self.image
-        if offset is None or image.data is not None or ds.type.big_endian:
+        if offset is None or ds.type.big_endian:  # h5py decodes chunks, fill values, byte order
             storage = Storage(nbytes, path=image.path, load=functools.partial(read_dataset, image, name))
         elif offset + nbytes > self.size or size not in (0, nbytes):
             raise Unsupported(f"dataset {name!r} lies beyond the end of the file")  # h5py says how
+        elif image.data is not None:  # a decompressed .keras member: the values are in memory already
+            storage = Storage(nbytes, path=image.path, buffer=memoryview(image.data)[offset : offset + nbytes])
         else:
             storage = Storage(nbytes, path=image.path, offset=image.offset + offset)
         return Tensor(name, ds.shape, dtype, storage)
