@@ -932,13 +932,14 @@ def test_native_reader_matches_h5py(corpus, name, record_property):
 
 def make_root_attributes(directory: Path, track_order: bool = False) -> H5Image:
     """Root attributes of every kind `info` shows: text (fixed and variable length, scalars and
-    arrays), numbers of each dtype and byte order, 2-d arrays; and a bool, which may be declined."""
+    arrays), numbers of each dtype and byte order, bools, 2-d arrays."""
     attributes = {
         "zeta_text": "a variable-length string",
         "alpha_fixed": np.bytes_(b"fixed"),
         "grid_text": np.array([["a", "bc"], ["d", "e"]], dtype=h5py.string_dtype()),
         "big": np.arange(6, dtype=">i4").reshape(2, 3),
         "epoch": np.int64(7),
+        "flags": np.array([True, False]),
         "lr": 0.125,
         "half": np.float16(1.5),
         "names": np.array([b"dense", b"dense_1"]),
@@ -947,7 +948,7 @@ def make_root_attributes(directory: Path, track_order: bool = False) -> H5Image:
     }
     with new_file(directory, track_order=track_order) as f:
         # tracking creation order, more than 8 attributes move to dense storage (declined)
-        for key in list(attributes)[: 7 if track_order else None]:
+        for key in list(attributes)[: 8 if track_order else None]:
             f.attrs[key] = attributes[key]
         f["w"] = np.zeros(2, np.float32)
     return image(directory)
@@ -961,7 +962,7 @@ def test_root_attributes_match_h5py_in_value_and_order(tmp_path, track_order):
     assert list(got.items()) == list(want.items())
     assert got["big"] == [[0, 1, 2], [3, 4, 5]] and got["grid_text"] == [["a", "bc"], ["d", "e"]]
     with h5py.File(made.path, "a") as f:
-        f.attrs["flag"] = True  # an enum: read through h5py instead
+        f.attrs["complex"] = 1 + 2j  # a compound: read through h5py instead
     with pytest.raises(h5native.Unsupported):
         h5native.root_attributes(made)
 

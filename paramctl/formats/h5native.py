@@ -3,13 +3,15 @@
 Importing h5py takes a fifth of a second, and libhdf5 can loop for ever on a damaged file (so
 `hdf5.py` runs it in a child with a deadline). What Keras and h5py write by default is a small
 part of the format: a version 0-3 superblock; version 1 or 2 object headers; groups as a symbol
-table (a v1 B-tree and a local heap) or as link messages; datasets with a dataspace, an integer,
-float, string or opaque type, and a contiguous, compact or chunked layout; attributes holding
-fixed- or variable-length strings (in the global heap). This module reads exactly that, with
-every address and size checked against the image and every loop bounded, and gives the rows
-`hdf5.read_rows` would give. Anything else (dense link or attribute storage, shared messages,
-enum, compound and other types, anything damaged) raises Unsupported, and the caller reads the
-file through h5py instead, which also gives the authoritative error for a damaged file.
+table (a v1 B-tree and a local heap), as link messages, or as links in a fractal heap indexed by
+a v2 B-tree (a group tracking creation order past 8 links); datasets with a dataspace, an
+integer, float, enum (h5py's bool), string or opaque type, and a contiguous, compact or chunked
+layout; attributes holding text (fixed length, or in the global heap) or numbers. This module
+reads exactly that, with every address and size checked against the image, every loop bounded
+and every checksum verified, and gives the rows `hdf5.read_rows` would give. Anything else
+(dense attribute storage, shared messages, compound and other types, newer layouts, anything
+damaged) raises Unsupported, and the caller reads the file through h5py instead, which also
+gives the authoritative error for a damaged file.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ DATASPACE, LINK_INFO, DATATYPE, FILL_VALUE, LINK, EXTERNAL, LAYOUT = 0x01, 0x02,
 ATTRIBUTE, CONTINUATION, SYMBOL_TABLE, ATTRIBUTE_INFO = 0x0C, 0x10, 0x11, 0x15
 NEEDED = {DATASPACE, LINK_INFO, DATATYPE, FILL_VALUE, LINK, EXTERNAL, LAYOUT, ATTRIBUTE, SYMBOL_TABLE, ATTRIBUTE_INFO}
 SHARED, DONT_SHARE, MARK_IF_UNKNOWN, WAS_UNKNOWN = 0x02, 0x04, 0x10, 0x20  # message flags
+NAME_INDEX = 5  # v2 B-tree records: a group's link names (their hashes and heap IDs)
 NOT_TENSORS = {3, 9, 10}  # datatype classes h5py reads as text, objects or subarrays
 
 # (size, exponent location, exponent size, mantissa size, bias) of the IEEE types numpy has
@@ -56,7 +59,7 @@ IEEE_FLOATS = {
 }
 INTEGERS = {(1, True): "int8", (2, True): "int16", (4, True): "int32", (8, True): "int64"}
 INTEGERS |= {(1, False): "uint8", (2, False): "uint16", (4, False): "uint32", (8, False): "uint64"}
-STRUCT_CODES = dict(zip([*INTEGERS.values(), *IEEE_FLOATS.values()], "bhiqBHIQefd"))
+STRUCT_CODES = dict(zip([*INTEGERS.values(), *IEEE_FLOATS.values(), "bool"], "bhiqBHIQefd?"))
 
 
 class Unsupported(Exception):
@@ -124,10 +127,60 @@ class Object:
     symbol_table: tuple[int, int] | None = None  # (B-tree, local heap): an old-style group
     link_info: bool = False  # a new-style group, whose links are messages
     links: list[tuple[str, int | None, int | None]] = field(default_factory=list)  # (name, address, order)
+    dense_links: tuple[int, int] | None = None  # (fractal heap, name index): the links stored densely
 
     @property
     def is_group(self) -> bool:
         return self.symbol_table is not None or self.link_info
+
+
+@dataclass(frozen=True)
+class FractalHeap:
+    """Where a fractal heap's managed objects lie: a doubling table of blocks, its root a direct
+    block (no rows) or an indirect block of ROWS rows of WIDTH blocks."""
+
+    offset_size: int  # bytes of an object's offset in a heap ID
+    length_size: int  # bytes of its length
+    width: int
+    start_block: int  # the size of the blocks of rows 0 and 1; each later row doubles it
+    direct_rows: int  # rows of direct blocks; deeper rows are indirect blocks (not read here)
+    root: int
+    rows: int
+    checksummed: bool  # direct blocks end their header with a checksum
+
+    def locate(self, reader: Reader, heap_id: bytes) -> int:
+        """Where the managed object HEAP_ID names begins in the file."""
+        if heap_id[0] & 0xF0:
+            raise Unsupported("a huge or tiny heap object")  # only managed objects are read here
+        offset = int.from_bytes(heap_id[1 : 1 + self.offset_size], "little")
+        length = int.from_bytes(heap_id[1 + self.offset_size : 1 + self.offset_size + self.length_size], "little")
+        block, start, size = self.root, 0, self.start_block
+        if self.rows:  # find the row and column of the direct block holding OFFSET
+            reader.signature(self.root, b"FHIB")
+            entries = self.root + 5 + reader.offsets + self.offset_size
+            reader.checksum(self.root, entries + self.rows * self.width * reader.offsets)
+            row = 0
+            while offset >= start + self.width * size:
+                start, row = start + self.width * size, row + 1
+                size = self.start_block << max(0, row - 1)
+                if row >= min(self.rows, self.direct_rows):
+                    raise Unsupported("a heap object beyond the direct blocks of the root")
+            column = (offset - start) // size
+            start += column * size
+            block = reader.defined(entries + (row * self.width + column) * reader.offsets)
+        reader.signature(block, b"FHDB")
+        header = 5 + reader.offsets + self.offset_size + (4 if self.checksummed else 0)
+        if self.checksummed and block not in reader.checked:  # over the block, its checksum zeroed
+            image = bytearray(reader.raw(block, size))
+            stored, image[header - 4 : header] = int.from_bytes(image[header - 4 : header], "little"), bytes(4)
+            if lookup3(bytes(image)) != stored:
+                raise Unsupported(f"the heap block at {block} fails its checksum")
+            reader.checked.add(block)
+        if reader.uint(block + 5 + reader.offsets, self.offset_size) != start or not (
+            header <= offset - start and offset - start + length <= size
+        ):
+            raise Unsupported(f"heap object {offset} does not lie in its direct block")
+        return block + offset - start
 
 
 class Reader:
@@ -138,6 +191,7 @@ class Reader:
         self.data, self.start, self.size, self.image = data, start, size, image
         self.budget = MAX_OBJECTS
         self.heaps: dict[int, dict[int, bytes]] = {}
+        self.checked: set[int] = set()  # heap blocks whose checksum holds
         self.base, self.root = self.superblock()
 
     # --- bytes ---------------------------------------------------------------------------------
@@ -306,7 +360,7 @@ class Reader:
             elif kind == LINK:
                 found.links.append(self.link(data))
             elif kind == LINK_INFO:
-                self.check_link_info(data)
+                found.dense_links = self.link_info(data)
                 found.link_info = True
             elif kind == ATTRIBUTE:
                 name, attribute = self.attribute(data, length)
@@ -357,12 +411,14 @@ class Reader:
                 raise Unsupported("VAX float order")
             layout = (size, self.uint(props + 4, 1), self.uint(props + 5, 1), self.uint(props + 7, 1))
             name = IEEE_FLOATS.get((*layout, self.uint(props + 8, 4)))
-            if name is None or self.uint(props + 6, 1) != 0 or self.uint(props, 2) != 0:
+            ieee = bits >> 8 & 0xFF == 8 * size - 1 and bits >> 4 & 3 == 2  # the sign last; an implied 1
+            if name is None or not ieee or self.uint(props + 6, 1) != 0 or self.uint(props, 2) != 0:
                 raise Unsupported(f"a non-IEEE {size}-byte float")
             return Datatype(kind, size, name, big_endian=bool(bits & 1))
-        if kind in (8, 9):  # enum, variable length: of a base type, which libhdf5 checks too
+        if kind == 8:
+            return self.enum(head >> 4, bits & 0xFFFF, props)
+        if kind == 9:  # a sequence, or a string, of a base type (which libhdf5 checks too)
             self.datatype(props)
-        if kind == 9:  # a sequence, or a string
             return Datatype(kind, size, vlen_string=bits & 0x0F == 1)
         if kind in (2, 4, 8) and size not in (1, 2, 4, 8):  # time, bitfield, enum
             raise Unsupported(f"a {size}-byte value of datatype class {kind}")
@@ -370,10 +426,34 @@ class Reader:
             return Datatype(kind, size)
         raise Unsupported(f"datatype class {kind}")
 
+    def enum(self, version: int, count: int, props: int) -> Datatype:
+        """An enum of integers, which h5py reads as its integer type; or as bool, the enum
+        {FALSE: 0, TRUE: 1} that h5py writes numpy's bools as."""
+        base = self.datatype(props)
+        if base.kind != 0 or base.dtype is None:
+            raise Unsupported("an enum of other than integers")
+        pos, names = props + 12, []  # after the base type: a fixed-point type is 12 bytes
+        for _ in range(count):
+            self.spend()
+            end = self.raw(pos, min(256, self.size - pos)).find(b"\0")
+            if end < 0:
+                raise Unsupported("an enum member name without its end")
+            names.append(self.raw(pos, end))
+            pos += end + 1 if version >= 3 else -(-(end + 1) // 8) * 8  # versions 1, 2 pad to 8 bytes
+        raw = self.raw(pos, count * base.size)
+        values = [
+            int.from_bytes(raw[i : i + base.size], "big" if base.big_endian else "little")
+            for i in range(0, len(raw), base.size)
+        ]
+        boolean = dict(zip(names, values)) == {b"FALSE": 0, b"TRUE": 1}
+        return Datatype(8, base.size, "bool" if boolean else base.dtype, big_endian=base.big_endian)
+
     def layout(self, at: int) -> tuple[int, int | None, int]:
         version = self.uint(at, 1)
         if version in (3, 4):
             kind = self.uint(at + 1, 1)
+            if kind > 3:
+                raise Unsupported(f"layout class {kind}")
             if kind == 1:
                 return kind, self.address(at + 2), self.uint(at + 2 + self.offsets, self.lengths)
             if kind == 0:  # compact: values in the header
@@ -404,11 +484,12 @@ class Reader:
         name = self.text(self.raw(pos, length))
         return name, self.defined(pos + length) if kind == 0 else None, order
 
-    def check_link_info(self, at: int) -> None:
-        flags = self.uint(at + 1, 1)
-        heap = at + 2 + (8 if flags & 1 else 0)
-        if self.address(heap) is not None:
-            raise Unsupported("dense link storage")
+    def link_info(self, at: int) -> tuple[int, int] | None:
+        """(fractal heap, v2 B-tree of names) where a group's links are stored densely, else None."""
+        heap = at + 2 + (8 if self.uint(at + 1, 1) & 1 else 0)
+        if self.address(heap) is None:
+            return None
+        return self.defined(heap), self.defined(heap + self.offsets)
 
     def attribute_info(self, at: int) -> None:
         flags = self.uint(at + 1, 1)
@@ -453,6 +534,10 @@ class Reader:
         found: list[tuple[str, int | None, int | None]]
         if group.symbol_table is not None:
             found = [(name, address, None) for name, address in self.symbol_table(*group.symbol_table)]
+        elif group.dense_links is not None:
+            heap = self.fractal_heap(group.dense_links[0])
+            names = self.btree_records(group.dense_links[1], NAME_INDEX)
+            found = [self.link(heap.locate(self, record[4:])) for record in names]  # (hash, heap ID)
         else:
             found = list(group.links)
         if any(name in ("", ".") or "/" in name for name, _, _ in found):
@@ -494,6 +579,75 @@ class Reader:
                     raise Unsupported("symbol table names out of order")
                 last = name
                 yield self.text(name), address
+
+    # --- dense storage: a fractal heap of messages, found through a v2 B-tree -----------------
+
+    def fractal_heap(self, at: int) -> FractalHeap:
+        self.signature(at, b"FRHP")
+        if self.uint(at + 4, 1) != 0 or self.uint(at + 7, 2):
+            raise Unsupported(f"a fractal heap of another version, or filtered, at {at}")
+        flags, max_object = self.uint(at + 9, 1), self.uint(at + 10, 4)
+        pos = at + 14 + 10 * self.lengths + 2 * self.offsets  # sizes and counts paramctl does not need
+        width, start_block = self.uint(pos, 2), self.uint(pos + 2, self.lengths)
+        pos += 2 + self.lengths
+        max_direct, heap_bits = self.uint(pos, self.lengths), self.uint(pos + self.lengths, 2)
+        pos += self.lengths + 4  # and the starting number of rows in the root indirect block
+        root, rows = self.address(pos), self.uint(pos + self.offsets, 2)
+        self.checksum(at, pos + self.offsets + 2)
+        if root is None or not width or not is_power_of_2(start_block) or not is_power_of_2(max_direct):
+            raise Unsupported(f"a fractal heap without blocks, or with odd block sizes, at {at}")
+        return FractalHeap(
+            offset_size=(heap_bits + 7) // 8,
+            length_size=(min(max_direct, max_object).bit_length() - 1 + 7) // 8,
+            width=width,
+            start_block=start_block,
+            direct_rows=max_direct.bit_length() - start_block.bit_length() + 2,
+            root=root,
+            rows=rows,
+            checksummed=bool(flags & 2),
+        )
+
+    def btree_records(self, at: int, kind: int) -> list[bytes]:
+        """Every record of the v2 B-tree at AT, whose records are of type KIND."""
+        self.signature(at, b"BTHD")
+        if self.uint(at + 4, 1) != 0 or self.uint(at + 5, 1) != kind:
+            raise Unsupported(f"a v2 B-tree of another version or type at {at}")
+        node_size, size, depth = self.uint(at + 6, 4), self.uint(at + 10, 2), self.uint(at + 12, 2)
+        root, root_records = self.address(at + 16), self.uint(at + 16 + self.offsets, 2)
+        total = self.uint(at + 18 + self.offsets, self.lengths)
+        self.checksum(at, at + 18 + self.offsets + self.lengths)
+        if root is None:
+            return []
+        if not size or depth > 32 or node_size > self.size:
+            raise Unsupported(f"a v2 B-tree with odd sizes at {at}")
+        # the widths of a child pointer's counts, as libhdf5 derives them from the node size
+        leaf_records = (node_size - 10) // size
+        count_size = encoded_size(leaf_records)
+        most = [leaf_records]  # the most records under a node of each depth
+        pointer = [0]  # the size of a pointer to a child from a node of each depth
+        for d in range(1, depth + 1):
+            pointer.append(self.offsets + count_size + (encoded_size(most[d - 1]) if d > 1 else 0))
+            fit = (node_size - 10 - pointer[d]) // (size + pointer[d])
+            most.append((fit + 1) * most[d - 1] + fit)
+        records: list[bytes] = []
+        stack = [(root, depth, root_records)]
+        while stack:
+            node, d, count = stack.pop()
+            self.spend()
+            self.signature(node, b"BTIN" if d else b"BTLF")
+            if self.uint(node + 4, 1) != 0 or self.uint(node + 5, 1) != kind:
+                raise Unsupported(f"a v2 B-tree node of another version or type at {node}")
+            end = node + 6 + count * size
+            records += [self.raw(node + 6 + i * size, size) for i in range(count)]
+            for i in range(count + 1 if d else 0):
+                child = end + i * pointer[d]
+                stack.append((self.defined(child), d - 1, self.uint(child + self.offsets, count_size)))
+            self.checksum(node, end + (count + 1) * pointer[d] if d else end)
+            if len(records) > total:
+                break
+        if len(records) != total:
+            raise Unsupported(f"a v2 B-tree holding other than its {total} records at {at}")
+        return records
 
     def check_free_list(self, heap: bytes, block: int) -> None:
         """Each free block of a local heap: (next block, size) within the heap, as libhdf5 checks."""
@@ -703,34 +857,50 @@ def check_flags(flags: int) -> None:
 M32 = 0xFFFFFFFF
 
 
-# lookup3's rounds as (x, y, z, k): mix does s[x] = (s[x] - s[y]) ^ rot(s[y], k); s[y] += s[z];
-# final does s[x] = (s[x] ^ s[y]) - rot(s[y], k)
-MIX = [(0, 2, 1, 4), (1, 0, 2, 6), (2, 1, 0, 8), (0, 2, 1, 16), (1, 0, 2, 19), (2, 1, 0, 4)]
-FINAL = [(2, 1, 14), (0, 2, 11), (1, 0, 25), (2, 1, 16), (0, 2, 4), (1, 0, 14), (2, 1, 24)]
-
-
-def rot(x: int, k: int) -> int:
-    return ((x << k) | (x >> (32 - k))) & M32
-
-
 def lookup3(data: bytes) -> int:
-    """Bob Jenkins' lookup3 `hashlittle` with seed 0: the checksum of HDF5's newer metadata."""
-    s = [(0xDEADBEEF + len(data)) & M32] * 3
+    """Bob Jenkins' lookup3 `hashlittle` with seed 0: the checksum of HDF5's newer metadata.
+    Unrolled and inlined: it runs over every object header of a newer file."""
+    a = b = c = (0xDEADBEEF + len(data)) & M32
     if not data:
-        return s[2]
+        return c
     padded = data + bytes(-len(data) % 12)  # the tail, zero-padded, adds what its bytes add
-    last = (len(data) - 1) // 12 * 12  # the last block is finalized, every other one mixed
-    for i in range(0, last + 12, 12):
-        for j in range(3):
-            s[j] = (s[j] + int.from_bytes(padded[i + 4 * j : i + 4 * j + 4], "little")) & M32
-        if i < last:
-            for x, y, z, k in MIX:
-                s[x] = ((s[x] - s[y]) & M32) ^ rot(s[y], k)
-                s[y] = (s[y] + s[z]) & M32
-        else:
-            for x, y, k in FINAL:
-                s[x] = ((s[x] ^ s[y]) - rot(s[y], k)) & M32
-    return s[2]
+    words = struct.unpack(f"<{len(padded) // 4}I", padded)
+    last = (len(data) - 1) // 12 * 3  # the last block is finalized, every other one mixed
+    for i in range(0, last, 3):
+        a = (a + words[i]) & M32
+        b = (b + words[i + 1]) & M32
+        c = (c + words[i + 2]) & M32
+        a = ((a - c) & M32) ^ ((c << 4 | c >> 28) & M32)
+        c = (c + b) & M32
+        b = ((b - a) & M32) ^ ((a << 6 | a >> 26) & M32)
+        a = (a + c) & M32
+        c = ((c - b) & M32) ^ ((b << 8 | b >> 24) & M32)
+        b = (b + a) & M32
+        a = ((a - c) & M32) ^ ((c << 16 | c >> 16) & M32)
+        c = (c + b) & M32
+        b = ((b - a) & M32) ^ ((a << 19 | a >> 13) & M32)
+        a = (a + c) & M32
+        c = ((c - b) & M32) ^ ((b << 4 | b >> 28) & M32)
+        b = (b + a) & M32
+    a = (a + words[last]) & M32
+    b = (b + words[last + 1]) & M32
+    c = (c + words[last + 2]) & M32
+    c = ((c ^ b) - ((b << 14 | b >> 18) & M32)) & M32
+    a = ((a ^ c) - ((c << 11 | c >> 21) & M32)) & M32
+    b = ((b ^ a) - ((a << 25 | a >> 7) & M32)) & M32
+    c = ((c ^ b) - ((b << 16 | b >> 16) & M32)) & M32
+    a = ((a ^ c) - ((c << 4 | c >> 28) & M32)) & M32
+    b = ((b ^ a) - ((a << 14 | a >> 18) & M32)) & M32
+    return ((c ^ b) - ((b << 24 | b >> 8) & M32)) & M32
+
+
+def is_power_of_2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def encoded_size(n: int) -> int:
+    """Bytes libhdf5 gives a count of at most N (in v2 B-tree nodes)."""
+    return (n.bit_length() - 1) // 8 + 1 if n else 1
 
 
 def nested(flat: list[Any], shape: tuple[int, ...]) -> list[Any]:
