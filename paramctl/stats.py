@@ -56,6 +56,12 @@ class Summary:
         self.nans += other.nans
         self.infs += other.infs
 
+    def add_histogram_of(self, tensor: Tensor, chunk: int = CHUNK_ELEMENTS) -> None:
+        """A second pass over TENSOR, binning its finite values over [min, max] of this summary."""
+        if self.count:
+            for part in tensor.chunks(chunk):
+                self.add_to_histogram(part)
+
     def add_to_histogram(self, chunk: np.ndarray) -> None:
         values = widen(chunk)
         values = values[np.isfinite(values)]
@@ -140,9 +146,8 @@ def summarize(
     summary = Summary()
     for part in tensor.chunks(chunk, start, stop):
         summary.add(part)
-    if hist and summary.count:
-        for part in tensor.chunks(chunk):
-            summary.add_to_histogram(part)
+    if hist:
+        summary.add_histogram_of(tensor, chunk)
     return summary
 
 
@@ -184,9 +189,8 @@ def stats_rows(
     tensors: Sequence[Tensor], hist: bool = False, progress: Callable[[Sequence[Tensor]], Iterable[Tensor]] = iter
 ) -> Iterator[dict[str, Any]]:
     for t, summary in zip(progress(tensors), summaries(tensors)):
-        if hist and summary.count:
-            for part in t.chunks():
-                summary.add_to_histogram(part)
+        if hist:
+            summary.add_histogram_of(t)
         row = {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "numel": t.numel, **summary.row()}
         if hist:
             low, high = summary.hist_range()

@@ -110,7 +110,7 @@ class Attribute:
 class Datatype:
     kind: int  # the HDF5 class: 0 integer, 1 float, 3 string, 5 opaque, 9 variable length, ...
     size: int
-    dtype: str | None = None  # paramctl's name, for integers and floats
+    dtype: str | None = None  # paramctl's name, for integers, floats and enums
     big_endian: bool = False
     vlen_string: bool = False
 
@@ -212,7 +212,7 @@ class Reader:
     def address(self, pos: int) -> int | None:
         """The address stored at POS, made absolute in the image; None if undefined."""
         raw = self.uint(pos, self.offsets)
-        return None if raw == (1 << (8 * self.offsets)) - 1 else self.base + raw
+        return None if raw == self.undefined else self.base + raw
 
     def defined(self, pos: int) -> int:
         found = self.address(pos)
@@ -239,7 +239,7 @@ class Reader:
                 raise Unsupported("bad superblock flags or B-tree sizes")
             fields = at + (24 if version == 0 else 28)
             base = self.uint(fields, self.offsets)
-            if self.uint(fields + self.offsets, self.offsets) != (1 << (8 * self.offsets)) - 1:
+            if self.uint(fields + self.offsets, self.offsets) != self.undefined:
                 raise Unsupported("a superblock extension in a version 0 or 1 superblock")
             # the root group's symbol table entry: link name offset, then its object header
             root = self.uint(fields + 4 * self.offsets + self.offsets, self.offsets)
@@ -247,7 +247,7 @@ class Reader:
             self.offsets, self.lengths = self.uint(at + 9, 1), self.uint(at + 10, 1)
             self.check_sizes()
             base = self.uint(at + 12, self.offsets)
-            if self.uint(at + 12 + self.offsets, self.offsets) != (1 << (8 * self.offsets)) - 1:
+            if self.uint(at + 12 + self.offsets, self.offsets) != self.undefined:
                 raise Unsupported("a superblock extension (shared messages) is not read here")
             root = self.uint(at + 12 + 3 * self.offsets, self.offsets)
             self.checksum(at, at + 12 + 4 * self.offsets)
@@ -260,12 +260,14 @@ class Reader:
     def check_sizes(self) -> None:
         if self.offsets not in (2, 4, 8) or self.lengths not in (2, 4, 8):
             raise Unsupported("unusual sizes of offsets and lengths")
+        # all ones: an undefined address, an unlimited dimension, the end of a free list
+        self.undefined, self.unlimited = (1 << (8 * self.offsets)) - 1, (1 << (8 * self.lengths)) - 1
 
     # --- object headers ------------------------------------------------------------------------
 
     def messages(self, at: int) -> Iterator[tuple[int, int, int, int]]:
         """(type, flags, data position, size) of each message in the object header at AT."""
-        if (self.raw(at, 4)) == b"OHDR":
+        if self.raw(at, 4) == b"OHDR":
             yield from self.messages_v2(at)
             return
         if self.uint(at, 1) != 1:
@@ -389,9 +391,8 @@ class Reader:
             raise Unsupported(f"dataspace rank {rank}")
         shape = tuple(self.uint(dims + i * self.lengths, self.lengths) for i in range(rank))
         if flags & 1:  # maximum dimensions follow: libhdf5 refuses a file where one is exceeded
-            unlimited = (1 << (8 * self.lengths)) - 1
             limits = (self.uint(dims + (rank + i) * self.lengths, self.lengths) for i in range(rank))
-            if any(n > limit != unlimited for n, limit in zip(shape, limits)):
+            if any(n > limit != self.unlimited for n, limit in zip(shape, limits)):
                 raise Unsupported("a dimension beyond its maximum")
         return shape
 
@@ -420,9 +421,9 @@ class Reader:
         if kind == 9:  # a sequence, or a string, of a base type (which libhdf5 checks too)
             self.datatype(props)
             return Datatype(kind, size, vlen_string=bits & 0x0F == 1)
-        if kind in (2, 4, 8) and size not in (1, 2, 4, 8):  # time, bitfield, enum
+        if kind in (2, 4) and size not in (1, 2, 4, 8):  # time, bitfield
             raise Unsupported(f"a {size}-byte value of datatype class {kind}")
-        if kind <= 10 and size <= self.size:  # string, opaque, array; time, bitfield, compound, reference, enum
+        if kind <= 10 and size <= self.size:  # string, opaque, array; time, bitfield, compound, reference
             return Datatype(kind, size)
         raise Unsupported(f"datatype class {kind}")
 
@@ -652,7 +653,7 @@ class Reader:
     def check_free_list(self, heap: bytes, block: int) -> None:
         """Each free block of a local heap: (next block, size) within the heap, as libhdf5 checks."""
         seen = set()
-        while block != 1 and block != (1 << (8 * self.lengths)) - 1:  # the two spellings of "none"
+        while block not in (1, self.unlimited):  # the two spellings of "none"
             if block in seen or block + 2 * self.lengths > len(heap):
                 raise Unsupported("bad heap free list")
             seen.add(block)
@@ -825,7 +826,7 @@ class Reader:
         if kind.kind in NOT_TENSORS:
             return None
         if kind.dtype is None and kind.kind != 5:
-            raise Unsupported(f"datatype class {kind.kind}")  # bool (enum), complex (compound), ...
+            raise Unsupported(f"datatype class {kind.kind}")  # complex (compound), time, bitfield, reference
         if kind.kind == 5:  # opaque: a tensor only when tagged with a dtype of its size
             tag = ds.attributes.get("dtype") if kind.size in TAGGED_SIZES else None
             value = self.strings(tag) if tag is not None else None
