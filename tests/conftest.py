@@ -13,7 +13,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_checkpoints"
-FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURES = REPO / "tests" / "fixtures"  # real tf-keras 2 files, copied from shared/fixtures
 
 
 def run(*args: str, input: bytes | None = None, tty: bool = False) -> Result:
