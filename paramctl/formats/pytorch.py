@@ -15,16 +15,20 @@ import _compat_pickle
 import collections
 import functools
 import io
+import math
 import os
 import pickle
 import pickletools
+import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from paramctl.dtypes import TORCH_STORAGES, itemsize, torch_dtype
 from paramctl.errors import FormatError, UnsafeContentError, UsageError
 from paramctl.formats.zipfiles import ZIP_ERRORS, member_storage, read_member, zip_members
-from paramctl.table import Checkpoint, Storage, Tensor
+from paramctl.table import Checkpoint, Storage, Tensor, contiguous_strides
 
 POSITION = "position"  # Tensor.attrs key: the keys leading to the tensor in the object it was read from
 
@@ -182,30 +186,161 @@ REFUSED_MODULES = frozenset(
 )
 
 
+# Data-only classes: calling one (REDUCE) only ever builds a value from the arguments (no file,
+# process or code is touched), so the call is recorded, never made. `torch.load(weights_only=False)`
+# of a written file builds them; paramctl lists them in info and writes them back as read.
+DATA_CALLABLES = frozenset(
+    [f"{m}.{f}" for m in ("numpy.core.multiarray", "numpy._core.multiarray") for f in ("scalar", "_reconstruct")]
+    + ["numpy.dtype", "collections.defaultdict"]
+    + [f"datetime.{c}" for c in ("datetime", "date", "time", "timedelta", "timezone")]
+    + [f"{m}.{c}" for m in ("pathlib", "pathlib._local") for c in ("Path", "PosixPath", "WindowsPath")]
+    + [f"{m}.{c}" for m in ("pathlib", "pathlib._local") for c in ("PurePath", "PurePosixPath", "PureWindowsPath")]
+)
+# builtin types that data-only objects name without calling (`defaultdict(list)`, OmegaConf's
+# `object_type`): kept as references; calling one is refused as for any class
+DATA_REFERENCES = frozenset(f"builtins.{c}" for c in ("list", "dict", "tuple", "int", "float", "str", "bool", "object"))
+ENUM_CLASS = re.compile(r"[A-Z][A-Za-z0-9]*")
+_NO_STATE = object()
+
+
 class Opaque:
     """An object of a class paramctl does not load (an `argparse.Namespace` among a Lightning
-    checkpoint's hyper-parameters): kept as the class's name and the state the pickle gave it,
-    never constructed. Calling the class (REDUCE, INST) would run code, so that is refused."""
+    checkpoint's hyper-parameters): kept as the class's name and what the pickle gave it
+    (construction arguments, state, items), never constructed, so that it is written back as it
+    was read. Calling the class (REDUCE, INST) would run its code: refused unless the class is
+    data-only (DATA_CALLABLES) or an enum member, a third-party `Class(literal)`."""
 
+    module = ""
+    qualname = ""
     global_name = ""
+    data_only = False
+    kind: str  # "newobj": cls.__new__(cls, *args); "reduce": cls(*args)
     args: tuple
     state: Any
+    items: list  # APPENDS into it
+    entries: list  # SETITEMS into it, as (key, value)
 
     def __new__(cls, *args: Any) -> Opaque:  # NEWOBJ and OBJ: no code of the class runs
         obj = super().__new__(cls)
-        obj.args, obj.state = args, None
+        obj.kind, obj.args, obj.state, obj.items, obj.entries = "newobj", args, _NO_STATE, [], []
         return obj
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise UnsafeContentError(f"refuses to load: pickle global {self.global_name} is not allowed (called)")
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # REDUCE: the call is recorded, not made
+        if not (self.data_only or (not kwargs and is_enum_member(self.module, self.qualname, args))):
+            raise UnsafeContentError(f"refuses to load: pickle global {self.global_name} is not allowed (called)")
+        self.kind = "reduce"
 
     def __setstate__(self, state: Any) -> None:  # BUILD
         self.state = state
 
+    def __setitem__(self, key: Any, value: Any) -> None:  # SETITEM(S) into a dict subclass
+        self.entries.append((key, value))
+
+    def append(self, item: Any) -> None:  # APPEND(S) into a list subclass
+        self.items.append(item)
+
+    def extend(self, items: Any) -> None:
+        self.items.extend(items)
+
+    @property
+    def has_state(self) -> bool:
+        return self.state is not _NO_STATE
+
+
+def is_enum_member(module: str, qualname: str, args: tuple) -> bool:
+    """Whether `module.qualname(*args)` reads as an enum member as pickle writes one: a class
+    (CapWords) of a third-party module called with one literal. The standard library's classes
+    are excluded: some of them act on construction (`logging.FileHandler('x')` opens a file)."""
+    top = module.split(".")[0]
+    return (
+        len(args) == 1
+        and type(args[0]) in (str, int, float, bool)
+        and ENUM_CLASS.fullmatch(qualname) is not None
+        and top not in sys.stdlib_module_names
+        and top not in REFUSED_MODULES
+    )
+
 
 @functools.cache
-def opaque_class(global_name: str) -> type[Opaque]:
-    return type("Opaque", (Opaque,), {"global_name": global_name})
+def opaque_class(module: str, qualname: str) -> type[Opaque]:
+    key = f"{module}.{qualname}"
+    attrs = {"module": module, "qualname": qualname, "global_name": key, "data_only": key in DATA_CALLABLES}
+    return type("Opaque", (Opaque,), attrs)
+
+
+NUMPY = "numpy"  # Tensor.attrs key of a row read from a numpy array: the array's record, to write it back
+NUMPY_DTYPES = {
+    "b1": "bool",
+    "u1": "uint8",
+    "i1": "int8",
+    "u2": "uint16",
+    "i2": "int16",
+    "f2": "float16",
+    "u4": "uint32",
+    "i4": "int32",
+    "f4": "float32",
+    "c8": "complex64",
+    "u8": "uint64",
+    "i8": "int64",
+    "f8": "float64",
+    "c16": "complex128",
+}
+
+
+def numpy_row(node: Opaque) -> Tensor | None:
+    """The row a pickled numpy array is (`_reconstruct` then BUILD with (version, shape, dtype,
+    fortran, bytes)), holding its bytes; None when NODE is no such array or one of a dtype
+    paramctl has no row for (objects, strings, records, big-endian)."""
+    if node.qualname != "_reconstruct" or not node.data_only or node.kind != "reduce":
+        return None
+    state = node.state
+    if not (isinstance(state, tuple) and len(state) == 5):
+        return None
+    _version, shape, dtype, fortran, raw = state
+    if not (isinstance(dtype, Opaque) and dtype.global_name == "numpy.dtype" and dtype.args):
+        return None
+    name = NUMPY_DTYPES.get(dtype.args[0]) if isinstance(dtype.args[0], str) else None
+    dtype_state = dtype.state if dtype.has_state and isinstance(dtype.state, tuple) else ()
+    order = dtype_state[1] if len(dtype_state) > 1 else "|"
+    if name is None or order not in ("<", "|", "=") or type(fortran) is not bool or not isinstance(raw, bytes):
+        return None
+    if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
+        return None
+    if len(raw) != math.prod(shape) * itemsize(name):
+        return None
+    stride = tuple(reversed(contiguous_strides(tuple(reversed(shape))))) if fortran else None
+    return Tensor("", shape, name, Storage(len(raw), buffer=raw), stride=stride, attrs={NUMPY: node})
+
+
+def arrays_as_rows(obj: Any) -> Any:
+    """OBJ with each numpy array in its containers replaced by its row (one row per array, so an
+    array pickled once and referenced twice stays one tensor)."""
+    rows: dict[int, Any] = {}
+    seen: set[int] = set()
+
+    def visit(node: Any) -> Any:
+        if isinstance(node, Opaque):
+            if id(node) not in rows:
+                rows[id(node)] = numpy_row(node) or node
+            return rows[id(node)]
+        if id(node) in seen or not isinstance(node, (dict, list, tuple)):
+            return node
+        seen.add(id(node))
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if (new := visit(v)) is not v:
+                    node[k] = new
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                if (new := visit(v)) is not v:
+                    node[i] = new
+        elif type(node) is tuple:
+            items = [visit(v) for v in node]
+            if any(a is not b for a, b in zip(items, node)):
+                return tuple(items)
+        return node
+
+    return visit(obj)
 
 
 @dataclass(eq=False)
@@ -238,9 +373,9 @@ class RestrictedUnpickler(pickle.Unpickler):
         key = f"{module}.{name}"
         if key in ADMITTED:
             return ADMITTED[key]
-        if module.split(".")[0] in REFUSED_MODULES:
+        if module.split(".")[0] in REFUSED_MODULES and key not in DATA_REFERENCES:
             raise UnsafeContentError(f"refuses to load: pickle global {key} is not allowed", self.path)
-        return opaque_class(key)
+        return opaque_class(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)):
@@ -300,7 +435,7 @@ def check_lengths(stream: BinaryIO | BoundedReader, path: str) -> None:
 def load_with(unpickler: RestrictedUnpickler) -> Any:
     path = unpickler.path
     try:
-        return unpickler.load()
+        return arrays_as_rows(unpickler.load())
     except FormatError as e:
         if e.path is None:
             raise FormatError(str(e), path) from None
@@ -467,7 +602,7 @@ def save(ckpt: Checkpoint, path: str) -> None:
         if t.tie is not None and t.tie in tied:
             return tied[t.tie]
         if id(t) not in made:
-            made[id(t)] = to_torch(t)
+            made[id(t)] = numpy_array(t) if NUMPY in t.attrs else to_torch(t)
         if t.tie is not None:
             tied[t.tie] = made[id(t)]
         return made[id(t)]
@@ -477,9 +612,88 @@ def save(ckpt: Checkpoint, path: str) -> None:
     else:
         obj = collections.OrderedDict((t.name, convert(t)) for t in ckpt.tensors)
     try:
-        torch.save(obj, path)
+        torch.save(obj, path, pickle_module=_pickle_module(lambda node: _to_torch_objects(node, convert)))
     except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) this way
         raise OSError(str(e).splitlines()[0]) from None
+
+
+def numpy_array(t: Tensor) -> Any:
+    """What row T, read from a numpy array, is written back as: its record with the row's bytes
+    (same globals, so the file loads as before), or a numpy array if its shape or dtype changed."""
+    record = t.attrs[NUMPY]
+    _version, shape, dtype, fortran, _raw = record.state
+    if t.shape == shape and t.dtype == NUMPY_DTYPES[dtype.args[0]]:
+        out = opaque_class(record.module, record.qualname)(*record.args)
+        out.kind = record.kind
+        out.state = (_version, shape, dtype, fortran, t.array().tobytes(order="F" if fortran else "C"))
+        return out
+    return t.array().copy()
+
+
+def _pickle_module(records: Callable[[Any], Any]) -> Any:
+    """What torch.save takes as its pickle module (it subclasses the module's Pickler): `pickle`
+    with an OpaquePickler that turns records into torch objects with RECORDS."""
+    import types
+
+    pickler = type("Pickler", (OpaquePickler,), {"records": staticmethod(records)})
+    return types.SimpleNamespace(__name__=__name__, Pickler=pickler, dump=pickle.dump)
+
+
+class OpaquePickler(pickle._Pickler):
+    """The pickler torch.save writes with: opaque objects are emitted with the opcodes they were
+    read from (the class as a GLOBAL, the recorded construction, items and BUILD state), so
+    `torch.load(weights_only=False)` builds the same object, and `weights_only=True` refuses
+    the same global as on the input. RECORDS turns the reader's records met inside an opaque
+    object (tensors, dtypes) into torch objects."""
+
+    records: Callable[[Any], Any]
+
+    def save(self, obj: Any, save_persistent_id: bool = True) -> None:
+        if isinstance(obj, Opaque):
+            self.save_opaque(obj)
+        elif isinstance(obj, type) and issubclass(obj, Opaque):
+            self.save_class(obj)
+        elif isinstance(obj, (Tensor, TorchDtype, TorchDevice, TorchLayout, TorchSize)):
+            self.save(self.records(obj), save_persistent_id)
+        else:
+            super().save(obj, save_persistent_id)
+
+    def save_class(self, cls: type[Opaque]) -> None:
+        if self.from_memo(cls):
+            return
+        module, name = cls.module, cls.qualname
+        if self.proto < 3 and self.fix_imports:  # as pickle spells a Python 3 name for Python 2
+            if (module, name) in _compat_pickle.REVERSE_NAME_MAPPING:
+                module, name = _compat_pickle.REVERSE_NAME_MAPPING[(module, name)]
+            module = _compat_pickle.REVERSE_IMPORT_MAPPING.get(module, module)
+        if self.proto >= 4:
+            self.save(module)
+            self.save(name)
+            self.write(pickle.STACK_GLOBAL)
+        else:
+            self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
+        self.memoize(cls)
+
+    def save_opaque(self, obj: Opaque) -> None:
+        if self.from_memo(obj):
+            return
+        self.save_class(type(obj))
+        self.save(obj.args)
+        self.write(pickle.NEWOBJ if obj.kind == "newobj" else pickle.REDUCE)
+        self.memoize(obj)
+        if obj.items:
+            self._batch_appends(iter(obj.items))
+        if obj.entries:
+            self._batch_setitems(iter(obj.entries))
+        if obj.has_state:
+            self.save(obj.state)
+            self.write(pickle.BUILD)
+
+    def from_memo(self, obj: Any) -> bool:
+        memo = self.memo.get(id(obj))
+        if memo is not None:
+            self.write(self.get(memo[0]))
+        return memo is not None
 
 
 # --- the object to write: the one read, rearranged to hold the table's rows -----------------------
@@ -654,10 +868,7 @@ def _to_torch_objects(node: Any, convert: Any) -> Any:
     import torch
 
     if isinstance(node, Opaque):
-        raise UsageError(
-            f"cannot write a .pt holding {node.global_name}: paramctl keeps such objects opaque, never "
-            "loading them; write safetensors to keep the tensors"
-        )
+        return node  # written back by the pickler as it was read, never constructed
     if isinstance(node, Tensor):
         return convert(node)
     if isinstance(node, TorchDtype):
