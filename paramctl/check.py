@@ -9,9 +9,68 @@ from typing import Any
 from paramctl.dtypes import FLOATING, check_name
 from paramctl.errors import UsageError
 from paramctl.stats import summaries
-from paramctl.table import Tensor, compile_pattern
+from paramctl.table import Checkpoint, Tensor, compile_pattern
 
 Failure = dict[str, Any]
+
+# What a tensor is in a training checkpoint: the model's own tensors (parameters and buffers), the
+# optimizer's state, or a tracker (Lightning's `callbacks.ModelCheckpoint{...}.kth_value`, which is
+# legitimately inf, and its `loops` counters) that is neither.
+MODEL, OPTIMIZER, TRACKER = "model", "optimizer", "tracker"
+# the roots of a Lightning checkpoint that hold the model and the optimizer; every other root
+# (callbacks, loops, lr_schedulers, hyper_parameters) holds trackers
+LIGHTNING_ROOTS = {"state_dict": MODEL, "optimizer_states": OPTIMIZER}
+OPTIMIZER_PREFIXES = ("optimizer_weights/", "optimizer/")  # Keras: tf-keras 2 full files, Keras 3
+
+
+def roles(ckpt: Checkpoint) -> dict[int, str]:
+    """The role of each of CKPT's tensors, by id: MODEL, OPTIMIZER or TRACKER.
+
+    In a `.pt`, from where the tensor sits in the saved object: a Lightning checkpoint (a dict of
+    `state_dict`, `pytorch-lightning_version` / `callbacks`, ...) by its root key; elsewhere, a
+    tensor inside an optimizer's `state_dict()` (a dict of `state` and `param_groups`) is optimizer
+    state. In Keras HDF5, the optimizer's groups. Everything else is the model's."""
+    if ckpt.format == "sharded":
+        found: dict[int, str] = {}
+        for shard in ckpt.extra.shards:
+            found.update(roles(shard.ckpt))
+        return {id(t): found.get(id(t), MODEL) for t in ckpt.tensors}
+    root = ckpt.extra if ckpt.format in ("pt", "pt-legacy") else None
+    if not isinstance(root, dict):
+        return {id(t): OPTIMIZER if t.name.startswith(OPTIMIZER_PREFIXES) else MODEL for t in ckpt.tensors}
+    lightning = "state_dict" in root and ("pytorch-lightning_version" in root or "callbacks" in root)
+    optimizers = set() if lightning else set(optimizer_paths(root))
+    found = {}
+    for t in ckpt.tensors:
+        position = t.attrs.get("position")
+        if not isinstance(position, tuple) or not position:
+            found[id(t)] = MODEL
+        elif lightning:
+            found[id(t)] = LIGHTNING_ROOTS.get(position[0], TRACKER)
+        else:
+            inside = any(position[:n] in optimizers for n in range(len(position)))
+            found[id(t)] = OPTIMIZER if inside else MODEL
+    return found
+
+
+def optimizer_paths(root: dict) -> Iterable[tuple]:
+    """The key paths of ROOT's optimizer state dicts (`{"state": ..., "param_groups": ...}`)."""
+    stack: list[tuple[tuple, Any]] = [((), root)]
+    while stack:
+        keys, node = stack.pop()
+        if isinstance(node, dict):
+            if "state" in node and "param_groups" in node:
+                yield keys
+                continue
+            stack.extend(((*keys, k), v) for k, v in node.items())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(((*keys, i), v) for i, v in enumerate(node))
+
+
+def in_scope(ckpt: Checkpoint, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """TENSORS without CKPT's trackers: what `check` looks at unless --all."""
+    role = roles(ckpt)
+    return [t for t in tensors if role.get(id(t), MODEL) != TRACKER]
 
 
 def check(

@@ -151,14 +151,43 @@ def output_target(ckpt: str, output_path: str | None, in_place: bool) -> str | N
 def load(path: str) -> Checkpoint:
     from paramctl.formats import load as load_checkpoint
 
-    return load_checkpoint(path)
+    try:
+        return load_checkpoint(path)
+    except ParamctlError as e:
+        # `cat x.pt | paramctl reinit 'fc\.weight' ...` takes the pattern for CKPT
+        if stdin_has_data() and path != "-" and "no such file" in e.message and not os.path.lexists(path):
+            raise type(e)(f"{e.message} (to read standard input, name it '-')", e.path) from None
+        raise
+
+
+def stdin_has_data() -> bool:
+    """Whether standard input is a pipe or a file (not a terminal, nor /dev/null as in CI)."""
+    import stat
+
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):  # closed, or not a real file (a test's stream)
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
 
 
 def selected(ckpt: Checkpoint, pattern: str | None, exclude: tuple[str, ...]) -> list[Tensor]:
+    """The tensors PATTERN selects and no EXCLUDE does; a selection of nothing is an error (a
+    gate must never pass, or an edit write an unchanged copy, because it looked at nothing)."""
     rows = ckpt.select(pattern, exclude)
     if not rows and (pattern or exclude):
-        output.note(f"no tensor in {ckpt.source} matches")
+        raise no_match(ckpt.source, pattern, exclude, matched=bool(ckpt.select(pattern)))
     return rows
+
+
+def no_match(where: str, pattern: str | None, exclude: tuple[str, ...], matched: bool = False) -> UsageError:
+    """The error for a selection of nothing in WHERE, naming PATTERN once, as typed (MATCHED:
+    PATTERN alone selects something, and the --exclude patterns leave none of it)."""
+    if pattern and not matched:
+        return UsageError(f"no tensor matches {output.quoted(pattern)}", where)
+    excluded = ", ".join(output.quoted(x) for x in exclude)
+    what = f"every tensor matching {output.quoted(pattern)}" if pattern else "every tensor"
+    return UsageError(f"{what} is left out by --exclude {excluded}", where)
 
 
 def unique_numel(tensors: list[Tensor]) -> tuple[int, int]:
@@ -205,4 +234,4 @@ def main() -> None:
 
 
 # registering the commands: each module decorates its functions with @cli.command
-from paramctl.commands import convert, diff, edit, inspect, reinit, stats, ties  # noqa: E402, F401
+from paramctl.commands import convert, diff, edit, inspect, merge, reinit, stats, ties  # noqa: E402, F401

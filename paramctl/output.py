@@ -22,13 +22,16 @@ FORMATS = ("table", "tsv", "csv", "json", "jsonl")
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c\\\\]")
 
 
-def escape(text: str) -> str:
-    """TEXT with control and bidi characters (and backslash) as visible escapes: one safe line."""
+def escape(text: str, backslash: bool = True) -> str:
+    """TEXT with control and bidi characters (and backslash) as visible escapes: one safe line.
+
+    BACKSLASH False leaves backslashes as they are: a message quotes the PATTERN the user typed
+    (`'fc\\.weight'`) once, as typed, and its control characters are escaped all the same."""
 
     def repl(m: re.Match[str]) -> str:
         c = m.group()
         if c == "\\":
-            return "\\\\"
+            return "\\\\" if backslash else c
         named = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
         return named.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
 
@@ -146,7 +149,9 @@ def _table(
         table.add_column(Text(c, style="bold"), footer=foot, justify="right" if numeric else "left")
     for row in rows:
         table.add_row(*(Text(_human(c, row.get(c)), style=(highlight and highlight(row, c)) or "") for c in columns))
-    console = Console(file=sys.stdout, soft_wrap=False)
+    # on a terminal the table fits its width; piped or redirected (`-f table > report.txt`), it is
+    # never cut at rich's default of 80 columns
+    console = Console(file=sys.stdout, soft_wrap=False, width=None if stdout_is_terminal() else 1 << 16)
     if title:  # a line of its own: a table narrower than a long path would wrap it
         console.print(Text(escape(title), style="dim"), soft_wrap=True)
     console.print(table)
@@ -179,10 +184,16 @@ def stderr_console() -> Any:
     return Console(stderr=True)
 
 
+def quoted(text: str) -> str:
+    """TEXT (a pattern or name the user typed) quoted for a message, once: no repr() doubling of
+    its backslashes."""
+    return f"'{text}'"
+
+
 def note(message: str) -> None:
     """A note or warning for the person at the terminal: standard error, never standard output."""
-    click.echo(f"paramctl: {escape(message)}", err=True)
+    click.echo(f"paramctl: {escape(message, backslash=False)}", err=True)
 
 
 def error(message: str) -> None:
-    click.echo(f"paramctl: error: {escape(message)}", err=True)
+    click.echo(f"paramctl: error: {escape(message, backslash=False)}", err=True)

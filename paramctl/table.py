@@ -331,4 +331,4 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
     try:
         return re.compile(pattern)
     except re.error as e:
-        raise UsageError(f"invalid pattern {pattern!r}: {e}") from None
+        raise UsageError(f"invalid pattern '{pattern}': {e}") from None

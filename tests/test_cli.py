@@ -80,11 +80,11 @@ def test_ls_table_on_a_terminal_has_header_and_totals():
     assert lines[-1].split() == ["8", "tensors", "121", "484", "B"]
 
 
-def test_ls_json_empty_selection_is_an_empty_array():
+def test_ls_pattern_matching_nothing_is_an_error():
     result = run("ls", str(SAMPLES / "mlp.pt"), "nothing-matches", "-f", "json")
-    assert result.exit_code == 0
-    assert json.loads(result.stdout) == []
-    assert "no tensor" in result.stderr
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr == f"paramctl: error: {SAMPLES / 'mlp.pt'}: no tensor matches 'nothing-matches'\n"
 
 
 def test_invalid_pattern_is_a_usage_error():
@@ -138,7 +138,7 @@ def test_info_json():
     assert info["tensors"] == 8
     assert info["parameters"] == 121
     assert info["tie_groups"] == [["2.weight", "4.weight"], ["2.bias", "4.bias"]]
-    assert info["dtypes"] == {"float32": {"tensors": 8, "bytes": 772}}
+    assert info["dtypes"] == {"float32": {"tensors": 6, "bytes": 484}}  # a tie counts once
     assert info["file_size"] == (SAMPLES / "shared.pt").stat().st_size
 
 

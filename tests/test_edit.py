@@ -168,11 +168,13 @@ def test_rename_keeps_ties(tmp_path):
     ]
 
 
-def test_rename_without_a_match_writes_the_input_and_warns(tmp_path):
+def test_rename_without_a_match_is_an_error_and_writes_nothing(tmp_path):
     out = tmp_path / "out.safetensors"
-    result = run("rename", str(SAMPLES / "mlp.safetensors"), "s/nothing/x/", "-o", str(out))
-    assert result.exit_code == 0 and "no name" in result.stderr
-    assert load_file(out).keys() == load_file(SAMPLES / "mlp.safetensors").keys()
+    src = SAMPLES / "mlp.safetensors"
+    result = run("rename", str(src), r"s/^0\.weight$/first/", "-e", r"s/nothing\.x/y/", "-o", str(out))
+    assert result.exit_code == 2
+    assert result.stderr == f"paramctl: error: {src}: no tensor matches 'nothing\\.x' (of 's/nothing\\.x/y/')\n"
+    assert not out.exists()
 
 
 def test_rename_moves_hdf5_datasets_and_warns(tmp_path):

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from paramctl import output
-from paramctl.cli import cli, load, output_options, pattern_options
+from paramctl.cli import cli, load, no_match, output_options, pattern_options
 from paramctl.errors import Exit
 
 
@@ -52,6 +52,9 @@ def diff_command(
     from paramctl.diff import COLUMNS, Tolerance, diff_rows
 
     left, right = load(a), load(b)
+    if (pattern or exclude) and not (left.select(pattern, exclude) or right.select(pattern, exclude)):
+        matched = bool(left.select(pattern) or right.select(pattern))
+        raise no_match(f"{a} and {b}" if a != b else a, pattern, exclude, matched)
     tolerance = None if atol is None and rtol is None else Tolerance(atol or 0.0, rtol or 0.0)
     counts: Counter[str] = Counter()
 
@@ -74,9 +77,7 @@ def diff_command(
         summary = ", ".join(f"{s}: {counts[s]}" for s in ("values", "shape", "dtype", "only-a", "only-b") if counts[s])
         output.note(f"{total - counts['same']} of {total} tensors differ ({summary})")
         click.get_current_context().exit(Exit.FOUND)
-    if not counts and (pattern or exclude):
-        output.note(f"no tensor in {a} or {b} matches")
-    elif output.stderr_is_terminal():
+    if output.stderr_is_terminal():
         output.note(f"the same: {counts['same']} tensors")
 
 

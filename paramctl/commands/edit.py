@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 
 import click
@@ -23,7 +22,7 @@ from paramctl.cli import (
 )
 from paramctl.dtypes import FLOATING, check_name, numpy_dtype
 from paramctl.errors import UsageError
-from paramctl.table import Checkpoint, Tensor
+from paramctl.table import Checkpoint
 
 dry_run_option = click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
 
@@ -41,13 +40,13 @@ class Substitution:
         try:
             return self.pattern.sub(self.replacement, name, count=self.count)
         except (re.error, IndexError) as e:
-            raise UsageError(f"invalid replacement in {self.text!r}: {e}") from None
+            raise UsageError(f"invalid replacement in '{self.text}': {e}") from None
 
 
 def parse_substitution(text: str) -> Substitution:
     """`s/REGEX/REPL/` with any delimiter (`s|a/b|c|`); a backslash before the delimiter makes it
     literal; flags `g` (every match, not just the first) and `i` (ignore case)."""
-    usage = f"expected s/REGEX/REPLACEMENT/ (flags g, i), got {text!r}"
+    usage = f"expected s/REGEX/REPLACEMENT/ (flags g, i), got '{text}'"
     if len(text) < 2 or text[0] != "s" or text[1].isalnum() or text[1] in "\\ \n":
         raise UsageError(usage)
     delimiter = text[1]
@@ -74,19 +73,28 @@ def parse_substitution(text: str) -> Substitution:
     try:
         pattern = re.compile(regex, re.IGNORECASE if "i" in flags else 0)
     except re.error as e:
-        raise UsageError(f"invalid pattern {regex!r} in {text!r}: {e}") from None
+        raise UsageError(f"invalid pattern '{regex}' in '{text}': {e}") from None
     return Substitution(text, pattern, replacement, 0 if "g" in flags else 1)
 
 
 def new_names(ckpt: Checkpoint, substitutions: list[Substitution]) -> dict[str, str]:
-    """old -> new for every name the substitutions change, each applied in turn, as sed -e does."""
+    """old -> new for every name the substitutions change, each applied in turn, as sed -e does.
+
+    A substitution whose REGEX matches no name (as it comes to it) is an error naming it."""
     renames = {}
+    used = [False] * len(substitutions)
     for t in ckpt.tensors:
         name = t.name
-        for s in substitutions:
+        for i, s in enumerate(substitutions):
+            used[i] = used[i] or s.pattern.search(name) is not None
             name = s.apply(name)
         if name != t.name:
             renames[t.name] = name
+    for s, hit in zip(substitutions, used):
+        if not hit:
+            raise UsageError(
+                f"no tensor matches {output.quoted(s.pattern.pattern)} (of {output.quoted(s.text)})", ckpt.source
+            )
     return renames
 
 
@@ -120,9 +128,10 @@ def rename_command(
     """Rename tensors with sed-style substitutions on their names (Python regular expressions).
 
     Each name goes through every substitution in turn; a rename that would give two tensors one
-    name is an error naming both, and nothing is written. The replacement refers to groups as
-    \\1 or \\g<name>. Flags: g (every match, not just the first), i (ignore case). Ties stay ties;
-    in a .pt the tensor keeps its place in the saved object under its new key.
+    name is an error naming both, as is a REGEX that matches no name, and nothing is written.
+    The replacement refers to groups as \\1 or \\g<name>. Flags: g (every match, not just the
+    first), i (ignore case). Ties stay ties; in a .pt the tensor keeps its place in the saved
+    object under its new key.
 
     \b
     Example:
@@ -141,9 +150,7 @@ def rename_command(
         output.emit(rows, ["old", "new"], fmt, title=f"{ckpt}: {len(rows)} renamed")
         return
     target = output_target(ckpt, output_path, in_place)
-    if not renames:
-        output.note(f"warning: no name in {ckpt} matches; writing it unchanged")
-    else:
+    if renames:
         warn_keras(table, target, to)
     write_checkpoint(table, target, to, shard_size)
 
@@ -169,7 +176,7 @@ def rm_command(
 ) -> None:
     """Remove the tensors whose names match PATTERN (a regular expression, searched as grep does).
 
-    A name that matches nothing is an error, and nothing is written. Removing one name of a tie
+    A PATTERN that matches nothing is an error, and nothing is written. Removing one name of a tie
     leaves the others; in a .pt the entry leaves the saved object.
 
     \b
@@ -178,9 +185,7 @@ def rm_command(
       paramctl rm model.safetensors 'lm_head' --dry-run
     """
     table = load(ckpt)
-    gone = table.select(pattern, exclude)
-    if not gone:
-        raise UsageError(f"no tensor matches {pattern!r}; nothing written", ckpt)
+    gone = selected(table, pattern, exclude)
     if dry_run:
         rows = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in gone]
         output.emit(rows, ["name", "shape", "dtype"], fmt, title=f"{ckpt}: {len(rows)} removed")
@@ -226,25 +231,31 @@ def cast_command(
       paramctl cast model.safetensors --dtype bfloat16 -o model.bf16.safetensors
       paramctl cast model.pt 'weight$' --dtype float16 --dry-run
     """
-    import numpy as np
+    from paramctl.cast import cast_lazily, measure
 
     check_name(dtype)
+    target = None if dry_run else output_target(ckpt, output_path, in_place)
     table = load(ckpt)
     chosen = selected(table, pattern, exclude)
     tensors = [t for t in chosen if all_dtypes or (t.dtype in FLOATING and not t.dtype.startswith("complex"))]
     if pattern and len(tensors) < len(chosen):
         output.note(f"leaving {len(chosen) - len(tensors)} non-floating tensor(s) as they are (cast them with --all)")
-    losses: dict[str, tuple[int, int]] = {}
-    measured: dict[tuple, tuple[int, int]] = {}
-    for t in tensors:
-        if t.dtype != dtype and t.view_key() not in measured:  # a tie is measured once, under its first name
-            measured[t.view_key()] = losses[t.name] = range_losses(t, dtype)
+    if pattern and not tensors:
+        raise UsageError(f"{output.quoted(pattern)} selects no floating tensor to cast (cast others with --all)", ckpt)
+    before = {t.name: t.dtype for t in tensors}
+    # one pass per tensor: converted as the writer reads it, its losses counted on the way
+    storages = cast_lazily(table, tensors, dtype)
+    if dry_run:
+        measure(storages)
+    else:
+        write_checkpoint(table, target, to, shard_size)
+    losses = {s.source.name: s.losses() for s in storages if s.source is not None}  # a tie under its first name
     if dry_run:
         rows = []
         for t in tensors:
-            if t.dtype != dtype:
+            if before[t.name] != dtype:
                 beyond, to_zero = losses.get(t.name, (0, 0))
-                rows.append({"name": t.name, "from": t.dtype, "to": dtype, "beyond": beyond, "to_zero": to_zero})
+                rows.append({"name": t.name, "from": before[t.name], "to": dtype, "beyond": beyond, "to_zero": to_zero})
         output.emit(rows, ["name", "from", "to", "beyond", "to_zero"], fmt, title=f"{ckpt}: cast to {dtype}")
         return
     for name, (beyond, to_zero) in losses.items():
@@ -252,37 +263,6 @@ def cast_command(
             output.note(f"warning: {name}: {beyond} value(s) beyond the range of {dtype} ({range_text(dtype)})")
         if to_zero:
             output.note(f"warning: {name}: {to_zero} non-zero value(s) become 0 in {dtype}")
-    with np.errstate(over="ignore", invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # overflows are counted above; complex -> real is what --all asked
-        table.cast(tensors, dtype)
-    write_checkpoint(table, output_target(ckpt, output_path, in_place), to, shard_size)
-
-
-def range_losses(t: Tensor, dtype: str) -> tuple[int, int]:
-    """How many of T's values DTYPE cannot hold: (beyond its range, non-zero becoming zero), streamed.
-
-    For a floating DTYPE, finite values that the cast makes inf or NaN, and non-zero values it
-    makes 0; for an integer DTYPE, values outside its range, or NaN or inf; bool holds anything.
-    """
-    import numpy as np
-
-    target = numpy_dtype(dtype)
-    if target.kind == "b":
-        return 0, 0
-    wide = np.complex128 if target.kind == "c" else np.float64
-    beyond = to_zero = 0
-    with np.errstate(over="ignore", invalid="ignore"):
-        for chunk in t.chunks():
-            source = chunk.real if chunk.dtype.kind == "c" and target.kind != "c" else chunk
-            values = source.astype(wide)
-            if target.kind in "iu":
-                info = np.iinfo(target)
-                beyond += int(np.count_nonzero(~((values >= info.min) & (values <= info.max))))
-                continue
-            cast = source.astype(target).astype(wide)
-            beyond += int(np.count_nonzero(np.isfinite(values) & ~np.isfinite(cast)))
-            to_zero += int(np.count_nonzero((values != 0) & (cast == 0)))
-    return beyond, to_zero
 
 
 def range_text(dtype: str) -> str:

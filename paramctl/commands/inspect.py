@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -10,7 +11,7 @@ import click
 from paramctl import output
 from paramctl.cli import checkpoint_argument, cli, load, output_options, pattern_options, selected, unique_numel
 from paramctl.errors import UsageError
-from paramctl.table import Tensor
+from paramctl.table import Checkpoint, Tensor
 
 LS_COLUMNS = ["name", "shape", "dtype", "numel", "nbytes"]
 
@@ -118,26 +119,39 @@ def info_command(ckpt: str, fmt: str | None) -> None:
     Example:
       paramctl info model.ckpt --format json
     """
+    from paramctl.check import MODEL, OPTIMIZER, roles
     from paramctl.formats import non_tensor_entries
 
     table = load(ckpt)
+    role = roles(table)
     numel, nbytes = unique_numel(table.tensors)
     by_dtype: dict[str, dict[str, int]] = {}
+    seen = set()
     for t in table.tensors:
+        if (t.tie or t.name) in seen:  # a tie is one tensor: its bytes count once
+            continue
+        seen.add(t.tie or t.name)
         entry = by_dtype.setdefault(t.dtype, {"tensors": 0, "bytes": 0})
         entry["tensors"] += 1
         entry["bytes"] += t.nbytes
     record: dict[str, Any] = {
         "file": ckpt,
         "format": table.format,
-        "file_size": table.file_size,
+        "file_size": table.file_size or files_size(table),
         "tensors": len(table),
-        "parameters": numel,
+        # the model's own tensors; optimizer state and trackers (Lightning callbacks) are counted apart
+        "parameters": unique_numel([t for t in table.tensors if role[id(t)] == MODEL])[0],
         "bytes": nbytes,
         "dtypes": by_dtype,
         "tie_groups": table.tie_groups(),
         "metadata": table.metadata,
     }
+    optimizer = unique_numel([t for t in table.tensors if role[id(t)] == OPTIMIZER])[0]
+    other = numel - record["parameters"] - optimizer
+    if optimizer:
+        record["optimizer_state"] = optimizer
+    if other:
+        record["other_tensors"] = other
     entries = non_tensor_entries(table)
     if entries:
         record["entries"] = entries
@@ -147,6 +161,13 @@ def info_command(ckpt: str, fmt: str | None) -> None:
         )
         record["tie_groups"] = "; ".join(" = ".join(group) for group in record["tie_groups"])
     output.emit_record(record, fmt)
+
+
+def files_size(table: Checkpoint) -> int:
+    """The bytes of the files a checkpoint read from several (a sharded one: its index and shards)."""
+    if table.format != "sharded":
+        return 0
+    return os.path.getsize(table.extra.index) + sum(shard.ckpt.file_size for shard in table.extra.shards)
 
 
 @cli.command("show")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from paramctl import output
-from paramctl.cli import cli, load, output_target, pattern_options, write_checkpoint, write_options
+from paramctl.cli import cli, load, output_target, pattern_options, selected, write_checkpoint, write_options
 from paramctl.errors import UsageError
 from paramctl.init import LAYOUTS, Step, known_initializers
 from paramctl.table import Checkpoint, Tensor
@@ -66,9 +66,9 @@ def reinit_command(
     initializer = parse_spec(spec)
     target = None if dry_run else output_target(ckpt, output_path, in_place)
     table = load(ckpt)
-    tensors = table.select(pattern, exclude)
+    tensors = selected(table, pattern, exclude)
     if not tensors:
-        raise UsageError("no tensor matches" if pattern or exclude else "no tensors", table.source)
+        raise UsageError("no tensors", table.source)
     layout = layout or default_layout(table)
     random_seed = seed is None
     if seed is None:
@@ -156,11 +156,9 @@ def set_command(
         edits = [edit]
     elif expr is None:
         hint = "NAME[INDEX] names one tensor; a PATTERN needs --expr"
-        raise UsageError(f"no tensor named {where!r} ({hint})", table.source)
+        raise UsageError(f"no tensor named {output.quoted(where)} ({hint})", table.source)
     else:
-        edits = [Edit(t, ()) for t in once_per_tie(table.select(where, exclude))]
-        if not edits:
-            raise UsageError(f"no tensor matches {where!r}", table.source)
+        edits = [Edit(t, ()) for t in once_per_tie(selected(table, where, exclude))]
     results = [(e, *edited_values(e, expression)) for e in edits]  # all checked before any is changed
     for e, values, count, broken in results:
         table.assign(e.tensor, values)

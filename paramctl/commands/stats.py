@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
@@ -11,13 +12,14 @@ from paramctl.cli import (
     checkpoint_argument,
     cli,
     load,
+    no_match,
     output_options,
     pattern_options,
     selected,
     unique_numel,
     with_progress,
 )
-from paramctl.errors import Exit
+from paramctl.errors import Exit, UsageError
 
 STATS_COLUMNS = [
     "name",
@@ -91,8 +93,17 @@ def problem_style(row: dict[str, Any], column: str) -> str | None:
 
 
 @cli.command("check")
-@checkpoint_argument
-@pattern_options
+@click.argument("arguments", metavar="CKPT... [PATTERN]", nargs=-1, required=True)
+@click.option("--pattern", "-p", metavar="PATTERN", help="Check only the names matching PATTERN (a regex).")
+@click.option(
+    "--exclude", "-x", multiple=True, metavar="PATTERN", help="Leave out names matching PATTERN (repeatable)."
+)
+@click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help="Check trackers too (Lightning's callbacks and loops), not only the model and the optimizer state.",
+)
 @click.option("--max-abs", type=float, metavar="X", help="Fail a tensor with a finite |value| above X.")
 @click.option("--dtype", "want_dtype", metavar="D", help="Fail a floating tensor whose dtype is not D.")
 @click.option("--no-all-zero", is_flag=True, help="Fail a non-empty tensor that is entirely zero.")
@@ -104,9 +115,10 @@ def problem_style(row: dict[str, Any], column: str) -> str | None:
 )
 @output_options
 def check_command(
-    ckpt: str,
+    arguments: tuple[str, ...],
     pattern: str | None,
     exclude: tuple[str, ...],
+    everything: bool,
     max_abs: float | None,
     want_dtype: str | None,
     no_all_zero: bool,
@@ -115,29 +127,87 @@ def check_command(
 ) -> None:
     """A CI gate: exit 0 when every rule holds, 1 naming each failing tensor and rule, 2 on error.
 
-    The default rule is no NaN and no Inf anywhere.
+    The default rule is no NaN and no Inf. Every CKPT is checked, each on its own (--expect too):
+    `check shards/*.safetensors` checks every file. PATTERN selects names; give it with -p, or as
+    the last of several arguments when that is not an existing file (`check model.pt 'weight$'`).
+    A PATTERN that selects nothing, in every CKPT, is an error (exit 2), as is a CKPT with nothing
+    to check: a gate never passes because it looked at nothing.
+
+    Scope: the model's tensors and the optimizer state. Trackers are left out unless --all: in a
+    Lightning .ckpt, everything outside state_dict and optimizer_states (callbacks such as
+    ModelCheckpoint's best_model_score and kth_value, which is inf by design; loops).
 
     \b
     Example:
       paramctl check model.safetensors --max-abs 100 --dtype bfloat16
+      paramctl check shards/*.safetensors
+      paramctl check last.ckpt -p '^state_dict\\.' --no-all-zero
       paramctl ls good.pt --format json > expect.json && paramctl check new.pt --expect expect.json
     """
-    from paramctl.check import check, read_expectations
+    from paramctl.check import check, in_scope, read_expectations
 
-    table = load(ckpt)
-    tensors = selected(table, pattern, exclude)
+    ckpts, pattern = split_check_arguments(arguments, pattern)
     expected = read_expectations(expect, pattern, exclude) if expect else None
-    failures = check(
-        tensors, max_abs=max_abs, dtype=want_dtype, no_all_zero=no_all_zero, expected=expected, progress=with_progress
-    )
+    chosen = []
+    for path in ckpts:
+        table = load(path)
+        rows = table.select(pattern, exclude)
+        tensors = rows if everything else in_scope(table, rows)
+        if not tensors and not pattern:
+            why = "no tensors" if not table.tensors else "nothing outside the trackers (check them with --all)"
+            raise UsageError(
+                f"nothing to check: {why}" if not exclude else "every tensor is left out by --exclude", path
+            )
+        chosen.append((path, table, rows, tensors))
+    if pattern and not any(tensors for *_, tensors in chosen):
+        where = chosen[0][0] if len(chosen) == 1 else f"{len(chosen)} checkpoints"
+        error = no_match(where, pattern, exclude, matched=any(t.select(pattern) for _, t, *_ in chosen))
+        if any(rows for _, _, rows, _ in chosen):
+            error = UsageError(f"{output.quoted(pattern)} selects trackers only: check them with --all", where)
+        elif len(arguments) > 1 and pattern == arguments[-1]:
+            error = UsageError(f"{error.message} (and there is no file of that name)", where)
+        raise error
+    failures = []
+    checked = 0
+    for path, _table, _rows, tensors in chosen:
+        found = check(
+            tensors,
+            max_abs=max_abs,
+            dtype=want_dtype,
+            no_all_zero=no_all_zero,
+            expected=expected,
+            progress=with_progress,
+        )
+        failures += [{"file": path, **f} for f in found] if len(chosen) > 1 else found
+        checked += len(tensors)
+    columns = (["file"] if len(chosen) > 1 else []) + ["name", "rule", "detail"]
+    what = ckpts[0] if len(chosen) == 1 else f"{len(chosen)} checkpoints"
     resolved = output.resolve(fmt)
     if resolved == "json":
-        report = {"ok": not failures, "checked": len(tensors), "failures": failures}
+        report: dict[str, Any] = {"ok": not failures, "checked": checked, "failures": failures}
+        if len(chosen) > 1:
+            report["files"] = ckpts
         output.emit_record(report, "json")
     else:
-        output.emit(failures, ["name", "rule", "detail"], resolved, title=f"{ckpt}: failing tensors")
+        output.emit(failures, columns, resolved, title=f"{what}: failing tensors")
     if failures:
-        output.note(f"{ckpt}: {len(failures)} failure(s) in {len({f['name'] for f in failures})} tensor(s)")
+        output.note(
+            f"{what}: {len(failures)} failure(s) in {len({(f.get('file'), f['name']) for f in failures})} tensor(s)"
+        )
         click.get_current_context().exit(Exit.FOUND)
     if output.stderr_is_terminal():
-        output.note(f"{ckpt}: ok, {len(tensors)} tensors checked")
+        output.note(f"{what}: ok, {checked} tensors checked")
+
+
+def split_check_arguments(arguments: tuple[str, ...], pattern: str | None) -> tuple[list[str], str | None]:
+    """`check`'s positional ARGUMENTS as checkpoints and a pattern.
+
+    With -p PATTERN, or a single argument, every argument is a checkpoint. Otherwise the last one
+    is the PATTERN unless it names a checkpoint (an existing path, '-' or a URL): so
+    `check shards/*.safetensors` checks every shard and `check model.pt 'weight$'` keeps its meaning."""
+    if pattern is not None or len(arguments) == 1:
+        return list(arguments), pattern
+    *ckpts, last = arguments
+    if last == "-" or "://" in last or os.path.exists(last):
+        return list(arguments), None
+    return ckpts, last
