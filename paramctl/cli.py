@@ -82,9 +82,9 @@ def output_options(fn: Callable) -> Callable:
 
 
 def to_option(fn: Callable) -> Callable:
-    from paramctl.formats import WRITABLE
+    from paramctl.formats import writable
 
-    return click.option("--to", type=click.Choice(WRITABLE), help="Output format (default: from the extension).")(fn)
+    return click.option("--to", type=click.Choice(writable()), help="Output format (default: from the extension).")(fn)
 
 
 def write_options(fn: Callable) -> Callable:
@@ -116,6 +116,16 @@ def shard_size_option(fn: Callable) -> Callable:
         metavar="SIZE",
         callback=parse,
         help="Write numbered shards of at most SIZE (2GB, 500MB, 1GiB) plus an *.index.json, as transformers does.",
+    )(fn)
+
+
+def keep_optimizer_option(fn: Callable) -> Callable:
+    """--keep-optimizer, for edits that otherwise adjust the optimizer state of what they change."""
+    return click.option(
+        "--keep-optimizer",
+        is_flag=True,
+        help="Leave optimizer state as it is (by default an edited parameter's moments and step are reset, "
+        "a removed one's state removed).",
     )(fn)
 
 
@@ -234,4 +244,4 @@ def main() -> None:
 
 
 # registering the commands: each module decorates its functions with @cli.command
-from paramctl.commands import convert, diff, edit, inspect, merge, meta, reinit, stats, ties  # noqa: E402, F401
+from paramctl.commands import convert, diff, edit, estimate, inspect, merge, meta, reinit, stats, ties  # noqa: E402, F401

@@ -41,8 +41,10 @@ LAYOUTS = ("torch", "keras")
 
 
 def default_layout(ckpt: Checkpoint) -> str:
-    """The layout of the framework that writes CKPT's format: Keras for HDF5, else PyTorch."""
-    return "keras" if ckpt.format in ("hdf5", "keras") else "torch"
+    """The layout of the framework that writes CKPT's format, as its format registers it."""
+    from paramctl.formats import layout
+
+    return layout(ckpt)
 
 
 def fan_in_out(shape: tuple[int, ...], layout: str) -> tuple[int, int] | None:

@@ -35,19 +35,26 @@ MAP_ARGS: dict[str, int] = (
 
 @dataclass(eq=False)
 class Storage:
-    """Raw bytes: `nbytes` at `offset` in the file `path`, or held in `buffer`, or made by `load`."""
+    """Raw bytes: `nbytes` at `offset` in the file `path`, or held in `buffer`, or made by `load`
+    (all at once), or by `reader` (a range at a time: an HDF5 dataset decoded by h5py)."""
 
     nbytes: int
     path: str | None = None
     offset: int = 0
     buffer: bytes | bytearray | memoryview | None = None
     load: Callable[[], bytes] | None = None
+    reader: Callable[[int, int], bytes] | None = None  # (start, length) -> those bytes
 
     def read(self, start: int = 0, length: int | None = None) -> bytes | memoryview:
         if length is None:
             length = self.nbytes - start
         if start < 0 or length < 0 or start + length > self.nbytes:
             raise FormatError(f"read of bytes [{start}, {start + length}) beyond a storage of {self.nbytes}", self.path)
+        if self.buffer is None and self.reader is not None:
+            data = self.reader(start, length)
+            if len(data) != length:
+                raise FormatError(f"read {len(data)} bytes of the {length} asked for", self.path)
+            return data
         if self.buffer is None and self.load is not None:
             self.buffer = self.load()
         if self.buffer is not None:
@@ -59,6 +66,23 @@ class Storage:
         if len(data) != length:
             raise FormatError(f"truncated: tensor data ends at byte {self.offset + start + len(data)}", self.path)
         return data
+
+
+INT64_MAX = (1 << 63) - 1
+# a view may repeat its storage's elements (stride 0, overlapping strides) at most this many times
+EXPANSION = 16
+
+
+def check_shape(name: str, shape: tuple[int, ...], path: str | None) -> None:
+    """FormatError unless SHAPE is one frameworks can hold: each size, and the product of the
+    non-zero ones, within 64-bit integers (a zero-size `[0, 2**62, 2**62]` included)."""
+    count = 1
+    for n in shape:
+        if type(n) is not int or not 0 <= n <= INT64_MAX:
+            raise FormatError(f"tensor {name!r} has a size that is not a 64-bit count", path)
+        count *= max(n, 1)
+        if count > INT64_MAX:
+            raise FormatError(f"tensor {name!r} has sizes whose product exceeds 64 bits", path)
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -106,9 +130,22 @@ class Tensor:
         return 1 + sum((n - 1) * s for n, s in zip(self.shape, self.strides))
 
     def check_bounds(self) -> None:
-        """Raise FormatError unless the view lies inside its storage."""
+        """Raise FormatError unless the view lies inside its storage, its sizes fit the 64-bit
+        integers frameworks index with, and it claims at most EXPANSION times its storage's
+        elements (stride 0 or overlapping strides repeat elements: reading one must not cost
+        what the file only claims)."""
+        check_shape(self.name, self.shape, self.storage.path)
         if any(n < 0 for n in self.shape) or any(s < 0 for s in self.strides) or self.offset < 0:
             raise FormatError(f"tensor {self.name!r} has a negative size, stride or offset", self.storage.path)
+        if any(s > INT64_MAX for s in (*self.strides, self.offset)):
+            raise FormatError(f"tensor {self.name!r} has a stride or offset beyond 64 bits", self.storage.path)
+        stored = self.storage.nbytes // itemsize(self.dtype)
+        if self.numel > EXPANSION * max(stored, 1):
+            raise FormatError(
+                f"tensor {self.name!r} views {self.numel} elements over a storage of {stored} "
+                f"(more than {EXPANSION} times: stride 0 or overlapping strides); refused",
+                self.storage.path,
+            )
         if (self.offset + self.extent()) * itemsize(self.dtype) > self.storage.nbytes and self.numel:
             raise FormatError(
                 f"tensor {self.name!r} needs {(self.offset + self.extent()) * itemsize(self.dtype)} bytes "
@@ -145,7 +182,13 @@ class Tensor:
     def streams(self) -> bool:
         """Whether `chunks` reads the values straight from the file, in bounded memory."""
         storage = self.storage
-        return self.is_contiguous and storage.path is not None and storage.buffer is None and not storage.load
+        return (
+            self.is_contiguous
+            and storage.path is not None
+            and storage.buffer is None
+            and not storage.load
+            and not storage.reader
+        )
 
     def chunks(self, elements: int = CHUNK_ELEMENTS, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
         """The values in C order from element START to STOP (all by default) as flat arrays of
@@ -162,9 +205,7 @@ class Tensor:
             return
         dt = numpy_dtype(self.dtype)
         if not self.streams:
-            flat = self.array().reshape(-1)
-            for first in range(start, stop, elements):
-                yield flat[first : min(first + elements, stop)]
+            yield from self._chunks_read(elements, start, stop)
             return
         self.check_bounds()
         storage, size = self.storage, dt.itemsize
@@ -179,10 +220,60 @@ class Tensor:
                 window = mmap.mmap(f.fileno(), pos - base + count * size, offset=base, **MAP_ARGS)
                 yield np.frombuffer(window, dt, count, pos - base)
 
+    def _chunks_read(self, elements: int, start: int, stop: int) -> Iterator[np.ndarray]:
+        """`chunks` for a tensor not mapped from its file: a contiguous one is read a range at a
+        time; a strided view reads the span of storage it covers once (no more than the storage)
+        and gathers each chunk's elements from it, a block of whole rows at a time, so memory
+        is the storage plus a chunk whatever the view claims."""
+        import numpy as np
+
+        dt = numpy_dtype(self.dtype)
+        size = dt.itemsize
+        if self.is_contiguous:
+            for first in range(start, stop, elements):
+                count = min(elements, stop - first)
+                yield np.frombuffer(self.storage.read((self.offset + first) * size, count * size), dt)
+            return
+        self.check_bounds()
+        raw = self.storage.read(self.offset * size, self.extent() * size)
+        flat = np.frombuffer(raw, np.dtype(f"V{size}"))
+        view = np.lib.stride_tricks.as_strided(flat, self.shape, [s * size for s in self.strides], writeable=False)
+        for first in range(start, stop, elements):
+            blocks = flat_blocks(first, min(first + elements, stop), self.shape)
+            parts = [np.array(view[index]).reshape(-1) for index in blocks]
+            yield (parts[0] if len(parts) == 1 else np.concatenate(parts)).view(dt)
+
     def view_key(self) -> tuple:
         """Equal for two names that are the same stored tensor."""
         shape_strides = tuple((n, s) for n, s in zip(self.shape, self.strides) if n != 1)
         return (id(self.storage), self.offset, self.dtype, self.shape, shape_strides)
+
+
+def flat_blocks(first: int, stop: int, shape: tuple[int, ...]) -> Iterator[tuple]:
+    """Index tuples (ints and slices) selecting, in C order, the elements FIRST to STOP of an
+    array of SHAPE: at most two partial blocks per dimension around one block of whole rows."""
+    if first >= stop:
+        return
+    if not shape:
+        yield ()
+        return
+    inner = math.prod(shape[1:])
+    whole = (slice(None),) * (len(shape) - 1)
+    row, last = divmod(first, inner)
+    end_row, end_rest = divmod(stop, inner)
+    if row == end_row:  # within one row
+        for rest in flat_blocks(last, end_rest, shape[1:]):
+            yield (row, *rest)
+        return
+    if last:  # the end of the first row
+        for rest in flat_blocks(last, inner, shape[1:]):
+            yield (row, *rest)
+        row += 1
+    if end_row > row:
+        yield (slice(row, end_row), *whole)
+    if end_rest:  # the start of the last row
+        for rest in flat_blocks(0, end_rest, shape[1:]):
+            yield (end_row, *rest)
 
 
 def tensor_from_array(name: str, array: np.ndarray, **attrs: Any) -> Tensor:
@@ -212,6 +303,7 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)
     extra: Any = None
     file_size: int = 0
+    path: str = ""  # what was read: SOURCE itself, or the weights file a directory holds
 
     def __post_init__(self) -> None:
         self.link_ties()

@@ -47,7 +47,8 @@ def test_keras_to_pt_and_safetensors_keeps_every_tensor_and_warns(tmp_path, samp
     for out in (tmp_path / "x.pt", tmp_path / "x.safetensors"):
         result = run("convert", str(src), str(out))
         assert result.exit_code == 0
-        assert "warning: " in result.stderr and "HDF5 attributes" in result.stderr
+        if sample != "mlp.weights.h5":  # a Keras 3 weights file has no root attributes to drop
+            assert "warning: " in result.stderr and "dropping" in result.stderr and "keras_version" in result.stderr
         loaded = {k: v.numpy() for k, v in torch.load(out).items()} if out.suffix == ".pt" else load_file(str(out))
         assert loaded.keys() == expected.keys()
         for name, array in expected.items():

@@ -1,74 +1,160 @@
-"""Recognising a checkpoint by its content, and dispatching to the reader or writer of its format.
+"""The format registry: every checkpoint format is one module here that registers itself.
 
-Formats: `pt` (torch zip), `pt-legacy` (pre-1.6 torch pickle), `safetensors`, `hdf5` (Keras
-`.h5` / `.weights.h5`), `keras` (a `.keras` archive), `sharded` (an `*.index.json` over shards).
+Each format module ends with `register(Format(...))`: its name, extensions, how to recognise it
+(from a file's first bytes, or a directory's contents), its reader and writer, what a conversion
+into it loses and its non-tensor entries. The rest of paramctl asks the registry (`load`,
+`save`, `sniff`, `losses`, `output_format`, `non_tensor_entries`, `--to` choices) and never names a
+format, as Pillow's image plugins register themselves with `Image.register_open`.
+
+Format modules are found by listing this package: adding a format is adding a module. They are
+imported to list a file, so they import nothing heavy at their top level (no torch, h5py or
+framework; those are imported inside the functions that need them).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib
 import os
+import pkgutil
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from paramctl.errors import FormatError, ParamctlError, UsageError
 from paramctl.table import Checkpoint
 
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-PICKLE_PROTO = 0x80
+HEAD_BYTES = 4096 + 8  # what `accept` sees: enough for HDF5's magic after a 4 KiB user block
 
-EXTENSIONS = {
-    ".pt": "pt",
-    ".pth": "pt",
-    ".bin": "pt",
-    ".ckpt": "pt",
-    ".safetensors": "safetensors",
-    ".h5": "hdf5",
-    ".hdf5": "hdf5",
-    ".keras": "keras",
-}
-WRITABLE = ("pt", "safetensors", "hdf5", "keras")
+
+@dataclass
+class Probe:
+    """What a format's `accept` looks at to recognise a file: its path, size and first bytes
+    (and, on request, its last bytes and its zip member names)."""
+
+    path: str
+    size: int
+    head: bytes
+
+    def tail(self, n: int) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(max(0, self.size - n))
+            return f.read(n)
+
+    @cached_property
+    def zip_names(self) -> list[str] | None:
+        """The member names of a zip archive (None if the file is not one)."""
+        if self.head[:4] not in (b"PK\x03\x04", b"PK\x05\x06"):
+            return None
+        from paramctl.formats.zipfiles import zip_members
+
+        _, members = zip_members(self.path)
+        return list(members)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One checkpoint format, as its module registers it."""
+
+    name: str  # for --to, info and JSON
+    description: str  # for messages and the README's format list
+    load: Callable[[str, str], Checkpoint]  # (path to read, path as the user named it) -> table
+    # writes a checkpoint at PATH: a temporary file beside the target, renamed over it afterwards
+    # (or, with `writes_files`, the target itself: the writer makes its several files atomically)
+    save: Callable[[Checkpoint, str], None] | None = None
+    extensions: tuple[str, ...] = ()  # lower-case suffixes that imply this format for output
+    accept: Callable[[Probe], bool] | None = None  # a file is of this format, from its content
+    # a directory (or a name that is no file, such as a TensorFlow checkpoint prefix) is a
+    # checkpoint of this format: the path to read (itself, or a file in it), else None
+    accept_path: Callable[[str], str | None] | None = None
+    # what writing CKPT in this format loses, one line each (sharded: written as shards)
+    losses: Callable[[Checkpoint, bool], list[str]] | None = None
+    # what a checkpoint read in this format holds besides tensors, JSON-safe, by dotted path
+    entries: Callable[[Checkpoint], dict[str, Any]] | None = None
+    layout: str = "torch"  # tensor axis order for fans: torch (out, in, *k) or keras (*k, in, out)
+    keeps_views: bool = False  # strided views survive a write (else they become contiguous copies)
+    writes_files: bool = False
+    priority: int = 50  # recognisers are asked in this order (lower first): specific before general
+
+
+FORMATS: dict[str, Format] = {}
+_discovered = False
+
+
+def register(fmt: Format) -> Format:
+    """Add FMT to the registry (each format module calls this once, at import)."""
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def formats() -> list[Format]:
+    """Every registered format, in recognition order."""
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        for module in pkgutil.iter_modules(__path__):
+            if not module.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{module.name}")
+    return sorted(FORMATS.values(), key=lambda f: (f.priority, f.name))
+
+
+def get(name: str) -> Format:
+    for fmt in formats():
+        if fmt.name == name:
+            return fmt
+    raise UsageError(f"unknown format {name!r}; known: {', '.join(f.name for f in formats())}")
+
+
+def writable() -> list[str]:
+    """Names of the formats paramctl can write (the --to choices)."""
+    return [f.name for f in formats() if f.save is not None]
+
+
+def extensions() -> dict[str, str]:
+    """Output extension -> format name."""
+    return {ext: f.name for f in formats() for ext in f.extensions}
 
 
 def sniff(path: str) -> str:
-    """The format of the file at PATH, from its first bytes."""
-    if os.path.isdir(path):
-        return "sharded"
+    """The format of the checkpoint at PATH, from its content (or a directory's files)."""
+    return _recognise(path)[0].name
+
+
+def _recognise(path: str) -> tuple[Format, str]:
+    """The format of PATH and the path its reader opens (a file inside a directory, perhaps)."""
+    if not os.path.isfile(path):
+        return _recognise_path(path)
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        head = f.read(16)
-        if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-            return _sniff_zip(path)
-        for offset in (0, 512, 1024, 2048, 4096):  # HDF5 allows a user block of 512 * 2^n bytes
-            f.seek(offset)
-            if f.read(8) == HDF5_MAGIC:
-                return "hdf5"
+        head = f.read(HEAD_BYTES)
     if not head:
         raise FormatError("empty file", path)
-    looks_safetensors = len(head) >= 9 and head[8:9] == b"{"
-    if looks_safetensors and int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8:
-        return "safetensors"
-    if head.lstrip()[:1] == b"{":
-        return "sharded"  # an index JSON
-    if looks_safetensors:
-        return "safetensors"  # whose header length is invalid: let the reader say so
-    if head[0] == PICKLE_PROTO:
-        return "pt-legacy"
-    raise FormatError("not a recognised checkpoint (PyTorch, safetensors, HDF5 or .keras)", path)
+    probe = Probe(path, size, head)
+    for fmt in formats():
+        if fmt.accept is not None and fmt.accept(probe):
+            return fmt, path
+    known = ", ".join(f.description for f in formats() if f.accept is not None)
+    raise FormatError(f"not a recognised checkpoint ({known})", path)
 
 
-def _sniff_zip(path: str) -> str:
-    from paramctl.formats.zipfiles import zip_members
-
-    _, members = zip_members(path)
-    if "model.weights.h5" in members:
-        return "keras"
-    if any(n.endswith("/data.pkl") and n.count("/") == 1 for n in members):
-        return "pt"
-    raise FormatError("a zip archive that is neither a PyTorch checkpoint nor a .keras model", path)
+def _recognise_path(path: str) -> tuple[Format, str]:
+    """A directory, or a name that is not a file (a TensorFlow prefix): the first format that
+    claims it; a file it points to is recognised in turn."""
+    claims = [(fmt, target) for fmt in formats() if fmt.accept_path and (target := fmt.accept_path(path))]
+    if not claims:
+        if not os.path.exists(path):
+            raise FormatError("no such file or directory", path)
+        looked_for = "; ".join(f.description for f in formats() if f.accept_path is not None)
+        raise FormatError(f"a directory holding no checkpoint paramctl recognises (looked for: {looked_for})", path)
+    fmt, target = claims[0]
+    if target != path and os.path.isfile(target):
+        return _recognise(target)[0], target
+    return fmt, target
 
 
 def load(path: str) -> Checkpoint:
@@ -76,10 +162,9 @@ def load(path: str) -> Checkpoint:
     source = path
     if path == "-":
         path = _spool_stdin()
-    elif not os.path.exists(path):
-        raise FormatError("no such file or directory", path)
     try:
-        ckpt = _reader(sniff(path))(path, source)
+        fmt, target = _recognise(path)
+        ckpt = fmt.load(target, source)
     except OSError as e:
         raise FormatError(e.strerror or str(e), source) from None
     except RecursionError:
@@ -88,35 +173,10 @@ def load(path: str) -> Checkpoint:
         if e.path == path != source:
             raise e.about(source) from None
         raise
-    if not ckpt.file_size and os.path.isfile(path):
-        ckpt.file_size = os.path.getsize(path)
+    ckpt.path = target
+    if not ckpt.file_size and os.path.isfile(target):
+        ckpt.file_size = os.path.getsize(target)
     return ckpt
-
-
-def _reader(fmt: str):
-    if fmt == "pt":
-        from paramctl.formats.pytorch import load_zip
-
-        return load_zip
-    if fmt == "pt-legacy":
-        from paramctl.formats.pytorch import load_legacy
-
-        return load_legacy
-    if fmt == "safetensors":
-        from paramctl.formats import safetensors
-
-        return safetensors.load
-    if fmt == "hdf5":
-        from paramctl.formats import hdf5
-
-        return hdf5.load
-    if fmt == "keras":
-        from paramctl.formats import keras
-
-        return keras.load
-    from paramctl.formats import sharded
-
-    return sharded.load
 
 
 def _spool_stdin() -> str:
@@ -139,47 +199,49 @@ def output_format(path: str, ckpt: Checkpoint, to: str | None = None) -> str:
     """The format to write PATH in: --to, else PATH's extension (an index's: `model.safetensors`
     of `model.safetensors.index.json`), else the input's format."""
     if to:
-        if to not in WRITABLE:
-            raise UsageError(f"cannot write format {to!r}; choose one of {', '.join(WRITABLE)}")
+        if to not in writable():
+            raise UsageError(f"cannot write format {to!r}; choose one of {', '.join(writable())}")
         return to
-    ext = os.path.splitext(path.removesuffix(".index.json"))[1].lower()
-    if ext in EXTENSIONS and path != "-":
-        return EXTENSIONS[ext]
-    if ckpt.format == "pt-legacy":
-        return "pt"
+    name = path.removesuffix(".index.json").lower()
+    if path != "-":
+        for ext, fmt in sorted(extensions().items(), key=lambda item: -len(item[0])):
+            if name.endswith(ext):
+                return fmt
     if ckpt.format == "sharded":
         return ckpt.extra.shard_format
+    if ckpt.format not in writable():
+        raise UsageError(f"paramctl cannot write {ckpt.format}: name the output format with --to or an extension")
     return ckpt.format
 
 
+def layout(ckpt: Checkpoint) -> str:
+    """The axis order of CKPT's tensors, for fans: `torch` (out, in, *k) or `keras` (*k, in, out)."""
+    fmt = ckpt.extra.shard_format if ckpt.format == "sharded" else ckpt.format
+    return FORMATS[fmt].layout if fmt in FORMATS else "torch"
+
+
 def non_tensor_entries(ckpt: Checkpoint) -> dict[str, Any]:
-    """What the file holds besides tensors, JSON-safe: a `.pt`'s other entries (epoch,
-    hyper-parameters, optimizer settings) by dotted path; an HDF5 file's root attributes."""
-    if ckpt.format in ("pt", "pt-legacy"):
-        from paramctl.formats import pytorch
+    """What the checkpoint holds besides tensors, JSON-safe, as its format reports it: a `.pt`'s
+    other entries (epoch, hyper-parameters, optimizer settings), an HDF5 file's root attributes."""
+    formats()
+    fmt = FORMATS.get(ckpt.format)
+    return fmt.entries(ckpt) if fmt is not None and fmt.entries is not None else {}
 
-        return pytorch.non_tensor_entries(ckpt)
-    if ckpt.format in ("hdf5", "keras"):
-        from paramctl.formats import hdf5
 
-        return hdf5.root_attributes(ckpt)
-    return {}
+def dropped_entries(ckpt: Checkpoint, what: str) -> list[str]:
+    """The loss line for writing CKPT as WHAT (`safetensors`, `sharded pt`) that holds tensors only."""
+    entries = list(non_tensor_entries(ckpt))
+    if not entries:
+        return []
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    return [f"{what} holds tensors only: dropping {len(entries)} non-tensor entries ({shown})"]
 
 
 def losses(ckpt: Checkpoint, fmt: str, sharded: bool = False) -> list[str]:
     """What writing CKPT as FMT (in SHARDED form) cannot keep, one line each (for warnings on stderr)."""
-    lost = []
-    if (fmt != "pt" or sharded) and ckpt.format in ("pt", "pt-legacy"):
-        entries = list(non_tensor_entries(ckpt))
-        if entries:
-            shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-            what = f"sharded {fmt}" if sharded else fmt
-            lost.append(f"{what} holds tensors only: dropping {len(entries)} non-tensor entries ({shown})")
-    if fmt in ("pt", "safetensors") and ckpt.format in ("hdf5", "keras"):
-        lost.append(f"{fmt} keeps the tensors only, not the HDF5 attributes (keras_version, layer and weight names)")
-    if fmt == "hdf5" and ckpt.format == "keras":
-        lost.append("writing the archive's model.weights.h5 only, without its config.json and metadata.json")
-    if fmt != "pt" and any(t.stride is not None and not t.is_contiguous for t in ckpt.tensors):
+    target = get(fmt)
+    lost = target.losses(ckpt, sharded) if target.losses is not None else []
+    if not target.keeps_views and any(t.stride is not None and not t.is_contiguous for t in ckpt.tensors):
         lost.append(f"{fmt} stores views as contiguous copies")
     return lost
 
@@ -193,36 +255,27 @@ def save(ckpt: Checkpoint, path: str, fmt: str | None = None, shard_size: int | 
     """Write CKPT to PATH (`-`: standard output) atomically, in FMT or the format PATH implies.
 
     An `*.index.json` path, a directory or a SHARD_SIZE in bytes writes numbered shards plus an
-    index, as transformers does (see formats.sharded)."""
+    index, as transformers does (see formats.sharded). A missing parent directory is created."""
     fmt = fmt or output_format(path, ckpt)
+    target = get(fmt)
+    if target.save is None:
+        raise UsageError(f"cannot write format {fmt!r}; choose one of {', '.join(writable())}")
+    parent = os.path.dirname(os.path.abspath(path.rstrip("/" + os.sep) or path))
+    if path != "-" and not os.path.exists(parent):
+        try:
+            os.makedirs(parent)
+        except OSError as e:
+            raise ParamctlError(f"cannot write: cannot create its directory: {e.strerror or e}", path) from None
     if writes_shards(path, shard_size):
         from paramctl.formats import sharded
 
         sharded.save(ckpt, path, fmt, shard_size)
         return
-    writer = _writer(fmt)
+    if target.writes_files:
+        target.save(ckpt, path)
+        return
     with atomic_path(path) as tmp:
-        writer(ckpt, tmp)
-
-
-def _writer(fmt: str):
-    if fmt == "pt":
-        from paramctl.formats.pytorch import save
-
-        return save
-    if fmt == "safetensors":
-        from paramctl.formats import safetensors
-
-        return safetensors.save
-    if fmt == "hdf5":
-        from paramctl.formats import hdf5
-
-        return hdf5.save
-    if fmt == "keras":
-        from paramctl.formats import keras
-
-        return keras.save
-    raise UsageError(f"cannot write format {fmt!r}; choose one of {', '.join(WRITABLE)}")
+        target.save(ckpt, tmp)
 
 
 @contextlib.contextmanager

@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from paramctl.dtypes import ITEMSIZE, from_numpy, itemsize
 from paramctl.errors import FormatError, UsageError
+from paramctl.formats import Format, Probe, dropped_entries, register
 from paramctl.forked import in_child
-from paramctl.table import Checkpoint, Storage, Tensor
+from paramctl.table import Checkpoint, Storage, Tensor, check_shape, flat_blocks
 
 if TYPE_CHECKING:
     import h5py
@@ -180,10 +181,34 @@ def plain(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if hasattr(value, "tolist"):
+        if value.size == 0 and empty_lists(value.shape) > MAX_EMPTY_LISTS:
+            return empty_array(value.shape)
         return plain(value.tolist())
     if isinstance(value, list):
         return [plain(v) for v in value]
     return value
+
+
+# an empty attribute of shape (2**40, 0) is 2**40 empty lists to numpy's tolist: beyond this
+# many, it is described instead
+MAX_EMPTY_LISTS = 4096
+# a dataset not stored contiguously (chunked, compressed, or only a fill value) may claim at most
+# this many times the file's bytes: what deflate reaches at best
+MAX_EXPANSION = 1032
+
+
+def empty_lists(shape: tuple[int, ...]) -> int:
+    """How many lists `tolist` makes of an empty array of SHAPE."""
+    count = 1
+    for n in shape[:-1]:
+        if n == 0:
+            break
+        count *= n
+    return count
+
+
+def empty_array(shape: tuple[int, ...]) -> str:
+    return f"empty array of shape {tuple(shape)}"
 
 
 def read_rows(image: H5Image) -> list[Tensor]:
@@ -204,6 +229,8 @@ def read_rows(image: H5Image) -> list[Tensor]:
                     rows[name] = row
             elif isinstance(item, h5g.GroupID) and h5a.get_num_attrs(item):
                 groups[name] = h5py.Group(item)
+            elif not isinstance(item, (h5py.SoftLink, h5g.GroupID, h5py.h5t.TypeID)):
+                raise FormatError(f"{name!r} is {link_kind(item)}: not followed, so refused", image.path)
         listed = list(listed_weights(groups, attr_list))
         declared = checked_attr(f, TIES_ATTR) if TIES_ATTR in f.attrs else None
     return ordered_rows(rows, listed, declared)
@@ -301,15 +328,26 @@ def tracks_order(group: h5py.Group) -> bool:
     return bool(group.id.get_create_plist().get_link_creation_order())
 
 
+def link_kind(item: Any) -> str:
+    import h5py
+
+    if isinstance(item, h5py.ExternalLink):
+        return f"an external link to {item.filename}:{item.path}"
+    return "a link of a kind h5py does not resolve here"
+
+
 def dataset_tensor(ds: h5py.h5d.DatasetID, image: H5Image, name: str) -> Tensor | None:
     """Dataset NAME of IMAGE as a row, or None if it holds no tensor."""
+    if stored_elsewhere(ds):  # h5py would read another file; what is here is not the values
+        raise FormatError(f"dataset {name!r} {STORED_ELSEWHERE}", image.path)
     shape, offset = ds.shape, file_offset(ds)  # h5py makes each anew at every call
     dtype = tensor_dtype(ds, shape, offset)
     if dtype is None:
         return None
+    check_shape(name, shape, image.path)
     nbytes = math.prod(shape) * itemsize(dtype)
     if offset is None or image.data is not None or ds.dtype.byteorder == ">":
-        storage = Storage(nbytes, path=image.path, load=functools.partial(read_dataset, image, name))
+        storage = decoded_storage(image, name, nbytes, stored=offset is not None)
     elif offset + nbytes > image.nbytes:
         raise FormatError(f"truncated: dataset {name!r} ends at byte {offset + nbytes} of {image.nbytes}", image.path)
     else:
@@ -366,12 +404,35 @@ def stored_elsewhere(ds: h5py.h5d.DatasetID) -> bool:
     return dcpl.get_layout() == h5d.VIRTUAL or dcpl.get_external_count() > 0
 
 
-def read_dataset(image: H5Image, name: str) -> bytes:
-    """The little-endian bytes of dataset NAME, decoded by h5py (chunks, filters, fill values)."""
+STORED_ELSEWHERE = "keeps its values outside this file (external storage or a virtual dataset): not followed"
+
+
+def decoded_storage(image: H5Image, name: str, nbytes: int, stored: bool) -> Storage:
+    """The storage of dataset NAME (NBYTES once decoded) read through h5py a range at a time:
+    chunked, compressed, only a fill value, or in another byte order. Unless its bytes are
+    STORED whole in the file, it may claim at most MAX_EXPANSION times the file's size."""
+    if not stored and nbytes > MAX_EXPANSION * image.nbytes + (1 << 20):
+        raise FormatError(
+            f"dataset {name!r} claims {nbytes} bytes, more than {MAX_EXPANSION} times the file's {image.nbytes} "
+            "(what compression can reach); refused",
+            image.path,
+        )
+    return Storage(nbytes, path=image.path, reader=functools.partial(read_dataset, image, name))
+
+
+def read_dataset(image: H5Image, name: str, start: int, length: int) -> bytes:
+    """Bytes START to START + LENGTH of dataset NAME's values in C order and little-endian,
+    decoded by h5py (chunks, filters, fill values) a block of whole rows at a time."""
     import numpy as np
 
     with image.reading() as f:
-        values = np.asarray(f[name][()])
+        ds = f[name]
+        size = ds.dtype.itemsize
+        if start % size or length % size:
+            raise FormatError(f"a read of dataset {name!r} that splits its elements", image.path)
+        blocks = flat_blocks(start // size, (start + length) // size, ds.shape)
+        parts = [np.asarray(ds[index]).reshape(-1) for index in blocks]
+    values = np.concatenate(parts) if parts else np.empty(0, ds.dtype)
     return values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
@@ -446,7 +507,9 @@ def write_file(ckpt: Checkpoint, path: str, image: H5Image | None) -> None:
     written: set[str] = set()
     with ExitStack() as stack:
         src = stack.enter_context(image.open()) if image is not None else None
-        dst = stack.enter_context(h5py.File(path, "w", track_order=tracks_order(src["/"]) if src else True))
+        # libhdf5 resolves a path to its real name, which an unnamed file (paramctl.atomic) lacks
+        out: Any = stack.enter_context(open(path, "w+b")) if path.startswith("/proc/self/fd/") else path
+        dst = stack.enter_context(h5py.File(out, "w", track_order=tracks_order(src["/"]) if src else True))
         if src is not None:
             written = copy_structure(src, dst, rows)
         for t in ckpt.tensors:
@@ -478,8 +541,12 @@ def copy_structure(src: h5py.File, dst: h5py.File, rows: dict[str, Tensor]) -> s
         elif isinstance(item, HardLinkTo):
             if item.path in dst and item.path not in written:  # else a tensor, whose name here is gone
                 dst[name] = dst[item.path]
-        elif isinstance(item, (h5py.SoftLink, h5py.ExternalLink)):
+        elif isinstance(item, h5py.SoftLink):  # within the file
             dst[name] = item
+        elif not isinstance(item, (h5d.DatasetID, h5py.h5t.TypeID)) or (
+            isinstance(item, h5d.DatasetID) and stored_elsewhere(item)
+        ):  # reading refuses these: never carried into an output whose reader would follow them
+            raise UsageError(f"refuses to copy {name!r}: it points outside the file")
         elif isinstance(item, h5d.DatasetID) and tensor_dtype(item, item.shape, file_offset(item)) is not None:
             continue  # a tensor whose row is gone
         else:
@@ -526,3 +593,32 @@ def write_tensor(dst: h5py.File, t: Tensor, source: h5py.Dataset | None) -> None
         copy_attrs(source, ds, skip=("dtype",) if source.dtype.kind == "V" else ())
     if t.dtype in TAGGED:
         ds.attrs["dtype"] = t.dtype
+
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def _accept(probe: Probe) -> bool:
+    # HDF5 allows a user block of 512 * 2^n bytes before the superblock
+    return any(probe.head[offset : offset + 8] == HDF5_MAGIC for offset in (0, 512, 1024, 2048, 4096))
+
+
+def _losses(ckpt: Checkpoint, sharded: bool) -> list[str]:
+    if ckpt.format == "keras":
+        return ["writing the archive's model.weights.h5 only, without its config.json and metadata.json"]
+    return [] if ckpt.format == "hdf5" else dropped_entries(ckpt, "hdf5")
+
+
+register(
+    Format(
+        name="hdf5",
+        description="Keras HDF5 (.h5, .weights.h5)",
+        load=load,
+        save=save,
+        extensions=(".h5", ".hdf5"),
+        accept=_accept,
+        losses=_losses,
+        entries=root_attributes,
+        layout="keras",
+    )
+)

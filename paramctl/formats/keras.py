@@ -15,12 +15,15 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import IO
 
+from paramctl.atomic import unnamed_temp
 from paramctl.errors import FormatError, UsageError
 from paramctl.formats import hdf5
+from paramctl.formats import Format, dropped_entries, register
 from paramctl.formats.zipfiles import ZIP_ERRORS, member_storage, read_member, zip_members
 from paramctl.table import Checkpoint
 
 WEIGHTS = "model.weights.h5"
+ZIP64_LIMIT = (1 << 31) - 1  # zipfile's own threshold for a member it is told the size of
 
 
 @dataclass
@@ -64,22 +67,45 @@ def save(ckpt: Checkpoint, path: str) -> None:
             f"a .keras archive needs the model's config.json, and this {ckpt.format} checkpoint has none; "
             "write .weights.h5 (for Keras 3 `model.load_weights`) or .h5 instead"
         )
-    fd, weights = tempfile.mkstemp(suffix=".weights.h5", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
+    for info in archive.members:
+        if not safe_member_name(info.filename):
+            what = f"refuses to copy archive member {info.filename!r}: a path outside the archive"
+            raise UsageError(what, archive.path)
+    # the new weights file is built first, in an unnamed scratch file that vanishes with the process
+    with unnamed_temp(tempfile.gettempdir()) as weights:
         hdf5.write(ckpt, weights, archive.weights)
-        with zipfile.ZipFile(archive.path) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zout:
+        with zipfile.ZipFile(archive.path) as zin, zipfile.ZipFile(path, "w") as zout:
             for info in archive.members:
                 copy = zipfile.ZipInfo(info.filename, info.date_time)
                 copy.external_attr = info.external_attr
                 data: IO[bytes]
-                if info.filename == WEIGHTS:
+                if info.filename == WEIGHTS:  # stored, as Keras writes it: read in place
                     copy.file_size = os.path.getsize(weights)
                     data = open(weights, "rb")  # noqa: SIM115 - closed below
-                else:
-                    copy.file_size = info.file_size
+                else:  # compressed as it was: a deflated asset is not stored expanded
+                    copy.file_size, copy.compress_type = info.file_size, info.compress_type
                     data = zin.open(info)
-                with data, zout.open(copy, "w") as out:
+                with data, zout.open(copy, "w", force_zip64=copy.file_size > ZIP64_LIMIT) as out:
                     shutil.copyfileobj(data, out, 1 << 22)
-    finally:
-        os.unlink(weights)
+
+
+def safe_member_name(name: str) -> bool:
+    """Whether a member name stays inside the directory it is extracted to (no zip slip)."""
+    parts = name.replace("\\", "/").split("/")
+    return bool(name) and not name.startswith(("/", "\\")) and ".." not in parts and ":" not in parts[0]
+
+
+register(
+    Format(
+        name="keras",
+        description="Keras archive (.keras)",
+        load=load,
+        save=save,
+        extensions=(".keras",),
+        accept=lambda probe: probe.zip_names is not None and WEIGHTS in probe.zip_names,
+        losses=lambda ckpt, sharded: [] if ckpt.format in ("keras", "hdf5") else dropped_entries(ckpt, "keras"),
+        entries=hdf5.root_attributes,
+        layout="keras",
+        priority=20,
+    )
+)

@@ -18,7 +18,6 @@ import io
 import math
 import os
 import pickle
-import pickletools
 import re
 import sys
 from collections.abc import Callable
@@ -27,6 +26,8 @@ from typing import Any, BinaryIO
 
 from paramctl.dtypes import TORCH_STORAGES, itemsize, torch_dtype
 from paramctl.errors import FormatError, UnsafeContentError, UsageError
+from paramctl.formats import Format, Probe, dropped_entries, register
+from paramctl.formats.pickle_bounds import check_pickle
 from paramctl.formats.zipfiles import ZIP_ERRORS, member_storage, read_member, zip_members
 from paramctl.table import Checkpoint, Storage, Tensor, contiguous_strides
 
@@ -116,6 +117,24 @@ def _encode(text: str, encoding: str = "utf-8") -> bytes:
     return text.encode(encoding)
 
 
+def _bytearray(data: bytes | str = b"", encoding: str = "latin-1") -> bytearray:
+    """bytearray as pickles call it: from bytes, or protocol 2's latin-1 text; never from a
+    count (`bytearray(3 << 30)` would allocate what the file only claims)."""
+    if isinstance(data, str):
+        return bytearray(_encode(data, encoding))
+    if not isinstance(data, bytes):
+        raise UnsafeContentError(f"refuses builtins.bytearray of a {type(data).__name__}")
+    return bytearray(data)
+
+
+def _complex(real: float | str = 0.0, imag: float = 0.0) -> complex:
+    if not (isinstance(real, (int, float, str)) and isinstance(imag, (int, float))) or isinstance(real, bool):
+        raise UnsafeContentError(f"refuses builtins.complex of a {type(real).__name__}")
+    if isinstance(real, str) and len(real) > 100:
+        raise UnsafeContentError("refuses builtins.complex of a long text")
+    return complex(real, imag)
+
+
 def _device(*spec):
     return TorchDevice(tuple(spec))
 
@@ -126,8 +145,8 @@ def _admitted() -> dict[str, Any]:
         "collections.Counter": collections.Counter,
         "builtins.set": set,
         "builtins.frozenset": frozenset,
-        "builtins.bytearray": bytearray,
-        "builtins.complex": complex,
+        "builtins.bytearray": _bytearray,
+        "builtins.complex": _complex,
         "_codecs.encode": _encode,
         "torch.Size": TorchSize,
         "torch.device": _device,
@@ -423,13 +442,7 @@ def check_lengths(stream: BinaryIO | BoundedReader, path: str) -> None:
     """Walk the opcodes of the pickle at STREAM's position, then rewind: the C unpickler
     allocates whatever length a BINBYTES-style opcode declares before reading it, while
     pickletools reads what is there and fails on a length the data cannot back."""
-    start = stream.tell()
-    try:
-        for _ in pickletools.genops(stream):  # type: ignore[arg-type]  # any file with read()
-            pass
-    except Exception as e:  # ValueError for a short read or a bad opcode, among others
-        raise FormatError(f"invalid pickle: {e}", path) from None
-    stream.seek(start)
+    check_pickle(stream, path)  # and dict keys, set items and integers kept to what checkpoints hold
 
 
 def load_with(unpickler: RestrictedUnpickler) -> Any:
@@ -471,16 +484,38 @@ def load_zip(path: str, source: str) -> Checkpoint:
     return Checkpoint(source, "pt", name_tensors(obj, path), extra=obj)
 
 
+# The walk over the object visits a container once per place it is reached from (a state dict
+# saved under two keys gives two sets of rows), so memo sharing could make it exponential (a list
+# DAG of 64 levels in 600 bytes): it may visit at most this many entries per byte of the file.
+WALK_PER_BYTE = 4
+WALK_MIN = 1 << 20
+# the rows may claim at most this many times the file's bytes (ties and views over one storage)
+CLAIM_PER_BYTE = 16
+CLAIM_MIN = 1 << 26
+
+
 def name_tensors(obj: Any, path: str) -> list[Tensor]:
     """Every tensor in OBJ, named by its path of keys and indices; bounds are checked.
 
     Each row records that path as its POSITION, so that the writer puts it back there (or, once
-    renamed, under its new key) whatever else has changed in the table.
+    renamed, under its new key) whatever else has changed in the table. A tensor that would not
+    be a row (inside an object kept opaque, a set, an attribute or a key) refuses the file: a
+    table that silently lacks it would let `check` pass what it never saw.
     """
     tensors: list[Tensor] = []
     seen: dict[int, Tensor] = {}  # a tensor object pickled twice is memoized: give each place a row
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    budget = [max(WALK_MIN, WALK_PER_BYTE * size)]
+    claimed, most = 0, max(CLAIM_MIN, CLAIM_PER_BYTE * size)
+
+    def spend() -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise FormatError("the object's shared parts expand past what the file can hold (memo bomb)", path)
 
     def walk(node: Any, keys: tuple) -> None:
+        nonlocal claimed
+        spend()
         if isinstance(node, Tensor):
             if id(node) in seen:  # one pickled object in two places: a row per name, tied
                 first = seen[id(node)]
@@ -491,19 +526,67 @@ def name_tensors(obj: Any, path: str) -> list[Tensor]:
             node.name = dotted(keys) or "tensor"
             node.attrs[POSITION] = keys
             node.check_bounds()
+            claimed += node.nbytes
+            if claimed > most:
+                raise FormatError(f"the tensors claim more than {most} bytes from a file of {size}", path)
             tensors.append(node)
         elif isinstance(node, dict):
+            attributes = getattr(node, "__dict__", None)
+            if attributes:
+                check_attributes(node, attributes, keys)
             for k, v in node.items():
+                if not isinstance(k, (str, int, float, bool, tuple, type(None))):
+                    unseen(k, keys, f"a key of {dotted(keys) or 'the object'}")
                 walk(v, (*keys, k))
         elif isinstance(node, (list, tuple)):
             for i, v in enumerate(node):
                 walk(v, (*keys, i))
+        elif isinstance(node, (set, frozenset)):
+            for v in node:
+                unseen(v, keys, f"the set {dotted(keys) or 'the file holds'}")
+        elif isinstance(node, Opaque):
+            parts = [*node.args, *node.items, *(v for kv in node.entries for v in kv)]
+            for v in (*parts, node.state if node.has_state else None):
+                unseen(v, keys, f"an object of class {node.global_name} that paramctl keeps opaque")
+
+    def check_attributes(node: dict, attributes: dict, keys: tuple) -> None:
+        """A state dict's attributes (`_metadata`) as torch sets them: never one that hides a
+        method of the dict (`items`), which torch's loader and paramctl would read differently."""
+        for name, value in attributes.items():
+            if not isinstance(name, str) or hasattr(type(node), name):
+                raise FormatError(
+                    f"{dotted(keys) or 'the object'} is a {type(node).__name__} whose pickled state sets "
+                    f"attribute {name!r:.40}, hiding the container's own; refused as ambiguous",
+                    path,
+                )
+            unseen(value, keys, f"attribute {name} of {dotted(keys) or 'the object'}")
+
+    def unseen(node: Any, keys: tuple, where: str) -> None:
+        """Refuse the file if NODE holds a tensor, which would not be a row."""
+        spend()
+        if isinstance(node, Tensor):
+            at = dotted(keys) or "the top"
+            raise FormatError(f"a tensor in {where} at {at}: not read as a row, so refused", path)
+        if isinstance(node, dict):
+            for k, v in node.items():
+                unseen(k, keys, where)
+                unseen(v, keys, where)
+            if getattr(node, "__dict__", None):
+                unseen(node.__dict__, keys, where)
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            for v in node:
+                unseen(v, keys, where)
+        elif isinstance(node, Opaque):
+            parts = [*node.args, *node.items, *(v for kv in node.entries for v in kv)]
+            for v in (*parts, node.state if node.has_state else None):
+                unseen(v, keys, f"an object of class {node.global_name} that paramctl keeps opaque")
 
     walk(obj, ())
-    names = [t.name for t in tensors]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise FormatError(f"two tensors would both be named {dup!r}", path)
+    names: set[str] = set()
+    for t in tensors:
+        if t.name in names:
+            raise FormatError(f"two tensors would both be named {t.name!r}", path)
+        names.add(t.name)
     return tensors
 
 
@@ -577,7 +660,7 @@ def load_legacy(path: str, source: str) -> Checkpoint:
             position += 8 + ref.nbytes
             if position > size:
                 raise FormatError(f"truncated: storage {key!r} ends at byte {position} of {size}", path)
-    return Checkpoint(source, "pt-legacy", name_tensors(obj, path), extra=obj)
+    return Checkpoint(source, "pt", name_tensors(obj, path), extra=obj)
 
 
 def save(ckpt: Checkpoint, path: str) -> None:
@@ -607,7 +690,7 @@ def save(ckpt: Checkpoint, path: str) -> None:
             tied[t.tie] = made[id(t)]
         return made[id(t)]
 
-    if ckpt.format in ("pt", "pt-legacy") and ckpt.extra is not None:
+    if ckpt.format == "pt" and ckpt.extra is not None:
         obj = _to_torch_objects(arrange(ckpt.extra, ckpt.tensors), convert)
     else:
         obj = collections.OrderedDict((t.name, convert(t)) for t in ckpt.tensors)
@@ -925,3 +1008,41 @@ def _describe(node: Any) -> str:
     if isinstance(node, (dict, list, tuple)):
         return repr(node)
     return f"{type(node).__name__}: {node!r:.200}"
+
+
+# --- registration --------------------------------------------------------------------------------
+
+
+def load(path: str, source: str) -> Checkpoint:
+    """A `torch.save` file: the zip format (torch >= 1.6) or the legacy pickle stream."""
+    with open(path, "rb") as f:
+        zipped = f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
+    return load_zip(path, source) if zipped else load_legacy(path, source)
+
+
+def _accept(probe: Probe) -> bool:
+    if probe.head[0] == 0x80:  # a pickle's PROTO opcode: the legacy format
+        return True
+    names = probe.zip_names
+    return names is not None and any(n.endswith("/data.pkl") and n.count("/") == 1 for n in names)
+
+
+def _losses(ckpt: Checkpoint, sharded: bool) -> list[str]:
+    if ckpt.format == "pt" and not sharded:
+        return []
+    return dropped_entries(ckpt, "sharded pt" if sharded else "pt")
+
+
+register(
+    Format(
+        name="pt",
+        description="PyTorch (torch.save, zip or legacy)",
+        load=load,
+        save=save,
+        extensions=(".pt", ".pth", ".bin", ".ckpt"),
+        accept=_accept,
+        losses=_losses,
+        entries=non_tensor_entries,
+        keeps_views=True,
+    )
+)

@@ -3,6 +3,8 @@
 The header is validated the way the reference (Rust) loader does before any offset is trusted.
 A tie is stored as one copy plus a `{dropped: kept}` entry in `__metadata__`, as
 `safetensors.torch.save_model` records it; on reading, such an entry becomes a row of its own.
+The copy kept is the one transformers keeps (see ties.stored_name), and a file written carries
+`{"format": "pt"}` unless its source's metadata names another format, as transformers writes it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import struct
 
 from paramctl.dtypes import SAFETENSORS, TO_SAFETENSORS, itemsize
 from paramctl.errors import FormatError, UsageError
+from paramctl.formats import Format, Probe, dropped_entries, register
 from paramctl.table import Checkpoint, Storage, Tensor
 
 MAX_HEADER = 100_000_000
@@ -118,15 +121,19 @@ def save(ckpt: Checkpoint, path: str) -> None:
     for t in ckpt.tensors:
         if t.dtype not in TO_SAFETENSORS:
             raise UsageError(f"safetensors cannot store {t.name!r}: dtype {t.dtype}")
+    from paramctl.ties import stored_name
+
     metadata = dict(ckpt.metadata)
+    metadata.setdefault("format", "pt")  # as transformers writes it: 4.x refuses a file without it
     dropped = set()
     for group in ckpt.tie_groups():
-        kept, *others = sorted(group)
-        for name in others:
-            metadata[name] = kept
-            dropped.add(name)
+        kept = stored_name(ckpt, group)
+        for name in group:
+            if name != kept:
+                metadata[name] = kept  # {dropped: kept}, as safetensors.torch.save_model records it
+                dropped.add(name)
     stored = [t for t in ckpt.tensors if t.name not in dropped]
-    header: dict = {"__metadata__": metadata} if metadata else {}
+    header: dict = {"__metadata__": metadata}
     end = 0
     for t in stored:
         header[t.name] = {
@@ -143,3 +150,25 @@ def save(ckpt: Checkpoint, path: str) -> None:
         for t in stored:  # chunk by chunk: a large tensor is never held whole in memory
             for chunk in t.chunks():
                 f.write(chunk.view(np.uint8).data)
+
+
+def _accept(probe: Probe) -> bool:
+    head = probe.head
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    # a header length beyond the file, in a file that starts like JSON: an index, not safetensors
+    return int.from_bytes(head[:8], "little") <= probe.size - 8 or not head.lstrip().startswith(b"{")
+
+
+register(
+    Format(
+        name="safetensors",
+        description="safetensors",
+        load=load,
+        save=save,
+        extensions=(".safetensors",),
+        accept=_accept,
+        losses=lambda ckpt, sharded: dropped_entries(ckpt, "safetensors"),
+        priority=40,  # before the legacy .pt's test: a header length may start with 0x80
+    )
+)

@@ -23,11 +23,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from paramctl.errors import FormatError, UsageError
+from paramctl.formats import Format, Probe, register
 from paramctl.table import Checkpoint, Tensor
 
 INDEX_SUFFIX = ".index.json"
 SHARD_FORMATS = {"safetensors": ".safetensors", "pt": ".bin"}
-DEFAULT_INDEX = {"safetensors": "model.safetensors.index.json", "pt": "pytorch_model.bin.index.json"}
+# the stems of the weights files save_pretrained writes (transformers, diffusers, peft)
+HF_STEMS = ("model", "pytorch_model", "diffusion_pytorch_model", "adapter_model")
 DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' save_pretrained default, "5GB"
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
@@ -111,7 +113,7 @@ def load(path: str, source: str) -> Checkpoint:
         shard_path = os.path.join(base, file)
         if not os.path.isfile(shard_path):
             raise FormatError(f"shard {file!r} named in the index is missing", index)
-        if sniff(shard_path) not in ("safetensors", "pt", "pt-legacy"):
+        if sniff(shard_path) not in ("safetensors", "pt"):
             raise FormatError(f"shard {file!r} is neither safetensors nor a PyTorch file", index)
         ckpt = load_file(shard_path)
         for t in ckpt.tensors:
@@ -142,26 +144,46 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * UNITS[unit])
 
 
-def index_path(target: str, fmt: str) -> str:
-    """The index to write for TARGET: an `*.index.json` path itself; in a directory, the index it
-    holds or transformers' name for FMT; beside a file path, that path plus `.index.json`."""
+def into_directory(target: str) -> bool:
+    """Whether TARGET names a directory to write into (`out/`, or one that exists)."""
+    return target.endswith(("/", os.sep)) or os.path.isdir(target)
+
+
+def weights_name(ckpt: Checkpoint, fmt: str) -> str:
+    """The file name CKPT's weights take in a directory when written as FMT: the source's own
+    (`diffusion_pytorch_model.safetensors`, `adapter_model.safetensors`; a sharded source's index
+    without `.index.json`), with FMT's extension, transformers' `model.safetensors` and
+    `pytorch_model.bin` standing for each other; `model` when the source has no name (stdin)."""
+    from paramctl.formats import extensions, get
+
+    source = ckpt.extra if isinstance(ckpt.extra, ShardedSource) else None
+    read = source.index.removesuffix(INDEX_SUFFIX) if source is not None else ckpt.path
+    name = os.path.basename(read) if read and ckpt.source != "-" else "model"
+    stem, ext = os.path.splitext(name)
+    if ext and extensions().get(ext.lower()) == fmt:
+        return name
+    if fmt == "pt":
+        return "pytorch_model.bin" if stem == "model" else stem + (".bin" if stem in HF_STEMS else ".pt")
+    return ("model" if stem == "pytorch_model" else stem) + get(fmt).extensions[0]
+
+
+def index_path(target: str, fmt: str, ckpt: Checkpoint) -> str:
+    """The index to write for TARGET: an `*.index.json` path itself; in a directory, the source's
+    weights name for FMT plus `.index.json`; beside a file path, that path plus `.index.json`."""
     if target.endswith(INDEX_SUFFIX):
         return target
-    if os.path.isdir(target) or target.endswith(("/", os.sep)):
-        found = glob.glob(os.path.join(glob.escape(target), "*" + INDEX_SUFFIX))
-        if len(found) > 1:
-            raise UsageError(f"{len(found)} *.index.json files in {target!r}: name the index to write")
-        return found[0] if found else os.path.join(target, DEFAULT_INDEX[fmt])
+    if into_directory(target):
+        return os.path.join(target, weights_name(ckpt, fmt) + INDEX_SUFFIX)
     return target + INDEX_SUFFIX
 
 
 def shard_names(index: str, fmt: str, count: int) -> list[str]:
     """transformers' names: `model.safetensors.index.json` -> `model-00001-of-00003.safetensors`."""
-    from paramctl.formats import EXTENSIONS
+    from paramctl.formats import extensions
 
     stem = os.path.basename(index)[: -len(INDEX_SUFFIX)]
     root, ext = os.path.splitext(stem)
-    if EXTENSIONS.get(ext.lower()) != fmt:  # `model.index.json`: the format's own extension
+    if extensions().get(ext.lower()) != fmt:  # `model.index.json`: the format's own extension
         root, ext = stem, SHARD_FORMATS[fmt]
     return [f"{root}-{i:05d}-of-{count:05d}{ext}" for i in range(1, count + 1)]
 
@@ -187,14 +209,16 @@ def split(tensors: list[Tensor], max_size: int) -> list[list[Tensor]]:
 
 
 def keep_layout(ckpt: Checkpoint, source: ShardedSource) -> list[tuple[Shard, list[Tensor]]]:
-    """Each source shard with the rows it holds now: a row stays in the shard it was read from,
-    a tie group joins the shard of its first name, and a new row the shard of the row before it."""
+    """Each source shard with the rows it holds now: a row stays in the shard it was read from
+    (a row replaced by another of its name, as a cast makes, too), a tie group joins the shard of
+    its first name, and a new row the shard of the row before it."""
     slot_of = {id(state[0]): i for i, shard in enumerate(source.shards) for state in shard.rows}
+    slot_of_name = {state[1]: i for i, shard in enumerate(source.shards) for state in shard.rows}
     groups: list[list[Tensor]] = [[] for _ in source.shards]
     tie_slot: dict[str, int] = {}
     slot = 0
     for t in ckpt.tensors:
-        slot = slot_of.get(id(t), slot)
+        slot = slot_of.get(id(t), slot_of_name.get(t.name, slot))
         if t.tie is not None:
             slot = tie_slot.setdefault(t.tie, slot)
         groups[slot].append(t)
@@ -249,16 +273,43 @@ def plan(ckpt: Checkpoint, index: str, fmt: str, shard_size: int | None) -> list
 def save(ckpt: Checkpoint, target: str, fmt: str, shard_size: int | None = None) -> None:
     """Write CKPT as shards plus an index at (or for) TARGET; only changed shards are written.
 
+    Into a directory, the files keep the source's naming (`diffusion_pytorch_model-00001-of-00002
+    .safetensors`); a checkpoint split anew (a source that is not sharded, or --shard-size) that
+    fits one shard is one file under the source's name, as save_pretrained writes it; the small
+    files of a save_pretrained source directory (config.json, tokenizer files) are copied beside
+    the weights (see copy_companions).
+
     Every file goes to a temporary name first; the shards are renamed into place once all are
     written, then the index. With --in-place, shards the new index no longer names are removed.
     """
-    from paramctl.formats import atomic_path
+    from paramctl.formats import save as save_file
 
-    if fmt not in SHARD_FORMATS:
-        raise UsageError(f"shards are safetensors or .bin files, not {fmt}")
     if target == "-":
         raise UsageError("a sharded checkpoint is several files: name an index path or a directory, not '-'")
-    index = index_path(target, fmt)
+    source = ckpt.extra if isinstance(ckpt.extra, ShardedSource) else None
+    resplit = source is None or shard_size is not None
+    if into_directory(target) and resplit:
+        if fmt not in SHARD_FORMATS or len(split(ckpt.tensors, shard_size or DEFAULT_SHARD_SIZE)) == 1:
+            os.makedirs(target, exist_ok=True)
+            name = weights_name(ckpt, fmt)
+            save_file(ckpt, os.path.join(target, name), fmt)
+            if source is not None and os.path.realpath(os.path.dirname(source.index)) == os.path.realpath(target):
+                for file in [*(shard.file for shard in source.shards), os.path.basename(source.index)]:
+                    if file != name:
+                        with contextlib.suppress(OSError):  # in place: the shards are one file now
+                            os.unlink(os.path.join(target, file))
+            copy_companions(ckpt, target)
+            return
+    if fmt not in SHARD_FORMATS:
+        raise UsageError(f"shards are safetensors or .bin files, not {fmt}")
+    index = index_path(target, fmt, ckpt)
+    write_shards(ckpt, index, fmt, shard_size)
+    copy_companions(ckpt, os.path.dirname(os.path.abspath(index)))
+
+
+def write_shards(ckpt: Checkpoint, index: str, fmt: str, shard_size: int | None) -> None:
+    from paramctl.formats import atomic_path
+
     directory = os.path.dirname(os.path.abspath(index))
     source = ckpt.extra if isinstance(ckpt.extra, ShardedSource) else None
     source_dir = os.path.dirname(source.index) if source is not None else directory
@@ -298,12 +349,54 @@ def save(ckpt: Checkpoint, target: str, fmt: str, shard_size: int | None = None)
                     os.unlink(os.path.join(directory, shard.file))
 
 
+# what a source directory holds that is not copied beside written weights: checkpoints of any kind
+NOT_COMPANIONS = (INDEX_SUFFIX, ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".hdf5", ".keras", ".msgpack")
+NOT_COMPANIONS += (".gguf", ".onnx", ".params", ".nd", ".index", ".distcp", ".pkl", ".npz", ".ot", ".tflite")
+COMPANION_LIMIT = 64 << 20  # tokenizer.json of large vocabularies is tens of MB; weights are larger
+
+
+def copy_companions(ckpt: Checkpoint, directory: str) -> None:
+    """Copy the non-weight files of a save_pretrained source directory (config.json,
+    generation_config.json, adapter_config.json, tokenizer and scheduler files) into DIRECTORY,
+    where it lacks them, so that `from_pretrained(DIRECTORY)` loads the weights written there;
+    say which on stderr. Only when the source is a directory or a file named as save_pretrained
+    names weights (`model.safetensors`, an index): a lone `~/model.pt` brings nothing with it.
+    Checkpoints, hidden files, sub-directories and files over COMPANION_LIMIT stay behind."""
+    from paramctl import output
+    from paramctl.formats import atomic_path
+
+    source = ckpt.extra if isinstance(ckpt.extra, ShardedSource) else None
+    read = source.index if source is not None else ckpt.path
+    if not read or ckpt.source == "-":
+        return
+    source_dir = os.path.dirname(os.path.abspath(read))
+    if not (os.path.isdir(ckpt.source) or os.path.basename(read) in WEIGHTS_FILES):
+        return
+    if os.path.realpath(source_dir) == os.path.realpath(directory):
+        return
+    copied = []
+    for entry in sorted(os.scandir(source_dir), key=lambda e: e.name):
+        name = entry.name
+        if name.startswith(".") or name.lower().endswith(NOT_COMPANIONS) or re.search(r"-\d+-of-\d+\.", name):
+            continue
+        if not entry.is_file() or entry.stat().st_size > COMPANION_LIMIT:
+            continue
+        target = os.path.join(directory, name)
+        if os.path.lexists(target):
+            continue  # what the output directory holds already (an edited config) is kept
+        with atomic_path(target) as tmp:
+            shutil.copyfile(entry.path, tmp)
+        copied.append(name)
+    if copied:
+        shown = ckpt.source if os.path.isdir(ckpt.source) else os.path.dirname(read) or "."
+        output.note(f"copied {', '.join(copied)} from {shown} beside the weights")
+
+
 def write_shard(ckpt: Checkpoint, p: Planned, fmt: str, path: str) -> None:
-    from paramctl.formats import _writer
+    from paramctl.formats import get
 
     if fmt == "safetensors":
         metadata = dict(p.source.ckpt.metadata if p.source is not None else ckpt.metadata)
-        metadata.setdefault("format", "pt")  # transformers refuses safetensors metadata without it
         shard = Checkpoint(ckpt.source, "safetensors", p.rows, metadata)
     elif p.source is not None and p.source.ckpt.format.startswith("pt"):
         # a .bin shard keeps its own object; a row read from another shard is placed by its name
@@ -314,7 +407,7 @@ def write_shard(ckpt: Checkpoint, p: Planned, fmt: str, path: str) -> None:
         shard = Checkpoint(ckpt.source, p.source.ckpt.format, rows, extra=p.source.ckpt.extra)
     else:
         shard = Checkpoint(ckpt.source, "pt", p.rows)
-    _writer(fmt)(shard, path)
+    get(fmt).save(shard, path)
 
 
 def stored_names(path: str, fmt: str, rows: list[Tensor]) -> list[str]:
@@ -326,3 +419,60 @@ def stored_names(path: str, fmt: str, rows: list[Tensor]) -> list[str]:
         header, _ = read_header(path)
         return [name for name in header if name != "__metadata__"]
     return [t.name for t in rows]
+
+
+# --- registration --------------------------------------------------------------------------------
+
+# The weights files of a save_pretrained directory, in the order their libraries look for them
+# (transformers, diffusers, peft: safetensors before .bin, a single file before an index).
+WEIGHTS_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "adapter_model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.bin.index.json",
+    "adapter_model.bin",
+)
+
+
+def weights_in(directory: str) -> str | None:
+    """The checkpoint file a directory stands for: the first of WEIGHTS_FILES it holds (saying
+    on stderr which, when it holds several), else its single `*.index.json`."""
+    from paramctl import output
+
+    found = [name for name in WEIGHTS_FILES if os.path.isfile(os.path.join(directory, name))]
+    if not found:
+        found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(directory), "*" + INDEX_SUFFIX)))
+        if len(found) > 1:
+            raise FormatError(f"a directory with {len(found)} *.index.json files: name the one to read", directory)
+    if not found:
+        return None
+    if len(found) > 1:
+        output.note(f"{directory}: reading {found[0]} (also here: {', '.join(found[1:])})")
+    return os.path.join(directory, found[0])
+
+
+def _accept_path(path: str) -> str | None:
+    return weights_in(path) if os.path.isdir(path) else None
+
+
+def _accept(probe: Probe) -> bool:
+    return probe.head.lstrip()[:1] == b"{"  # an index's JSON (safetensors is recognised first)
+
+
+register(
+    Format(
+        name="sharded",
+        description="a sharded set (*.index.json) or a save_pretrained directory "
+        f"({', '.join(n for n in WEIGHTS_FILES if not n.endswith(INDEX_SUFFIX))})",
+        load=load,
+        accept=_accept,
+        accept_path=_accept_path,
+        keeps_views=False,
+        priority=60,
+    )
+)
