@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -55,6 +56,9 @@ def cli(debug: bool) -> None:
       paramctl tree model.safetensors --depth 2
       paramctl convert model.pt model.safetensors
     """
+    # numpy's floating-point warnings (inf - inf in a sum over an all-Inf tensor) are not the
+    # user's business: paramctl counts NaN and Inf itself and reports them as data
+    warnings.filterwarnings("ignore", r"(invalid value|overflow|divide by zero|underflow) encountered", RuntimeWarning)
 
 
 # --- shared options ----------------------------------------------------------------------------

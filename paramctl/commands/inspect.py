@@ -19,8 +19,11 @@ LS_COLUMNS = ["name", "shape", "dtype", "numel", "nbytes"]
 @cli.command("ls")
 @checkpoint_argument
 @pattern_options
+@click.option(
+    "--optimizer", "by_param", is_flag=True, help="List optimizer state under each parameter's name (PATTERN: names)."
+)
 @output_options
-def ls_command(ckpt: str, pattern: str | None, exclude: tuple[str, ...], fmt: str | None) -> None:
+def ls_command(ckpt: str, pattern: str | None, exclude: tuple[str, ...], by_param: bool, fmt: str | None) -> None:
     """List tensors: name, shape, dtype, numel, nbytes.
 
     PATTERN is a regular expression searched in each name, as grep does. A tied name is
@@ -31,8 +34,18 @@ def ls_command(ckpt: str, pattern: str | None, exclude: tuple[str, ...], fmt: st
     Example:
       paramctl ls model.pt '.*weight'
       cat model.pt | paramctl ls - --format json
+      paramctl ls run.ckpt --optimizer 'head'
     """
     table = load(ckpt)
+    if by_param:
+        from paramctl import optimizer
+
+        states = optimizer.find(table)
+        for line in optimizer.unmapped_notes(states):
+            output.note(line)
+        rows = optimizer.matching(optimizer.slot_rows(table, states), pattern, exclude, table.source)
+        output.emit(rows, optimizer.LS_COLUMNS, output.resolve(fmt), title=ckpt)
+        return
     rows = selected(table, pattern, exclude)
     numel, nbytes = unique_numel(rows)
     footer = {"name": f"{len(rows)} tensors", "numel": numel, "nbytes": nbytes}
@@ -137,7 +150,7 @@ def info_command(ckpt: str, fmt: str | None) -> None:
     record: dict[str, Any] = {
         "file": ckpt,
         "format": table.format,
-        "file_size": table.file_size or files_size(table),
+        "file_size": files_size(table) or table.file_size,
         "tensors": len(table),
         # the model's own tensors; optimizer state and trackers (Lightning callbacks) are counted apart
         "parameters": unique_numel([t for t in table.tensors if role[id(t)] == MODEL])[0],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import click
@@ -42,8 +43,16 @@ STATS_COLUMNS = [
 @checkpoint_argument
 @pattern_options
 @click.option("--hist", is_flag=True, help="Add a 16-bin histogram over [min, max] (a sparkline on a terminal).")
+@click.option(
+    "--optimizer",
+    "by_param",
+    is_flag=True,
+    help="Per parameter: optimizer step, moment norms, Adam's update RMS (PATTERN: parameter names).",
+)
 @output_options
-def stats_command(ckpt: str, pattern: str | None, exclude: tuple[str, ...], hist: bool, fmt: str | None) -> None:
+def stats_command(
+    ckpt: str, pattern: str | None, exclude: tuple[str, ...], hist: bool, by_param: bool, fmt: str | None
+) -> None:
     """Statistics per tensor over its finite values, streamed in bounded memory.
 
     Columns: mean, std (population), min, max, absmax, norm (L2) over the finite values, in
@@ -52,7 +61,22 @@ def stats_command(ckpt: str, pattern: str | None, exclude: tuple[str, ...], hist
     \b
     Example:
       paramctl stats model.safetensors 'weight$' --hist
+      paramctl stats run.ckpt --optimizer
+
+    With --optimizer: per parameter of each optimizer, its step count, the L2 norms of its
+    first and second moments (m_norm, v_norm) and update_rms, the RMS of Adam's step direction
+    m_hat / (sqrt(v_hat) + eps) (a step is lr times it).
     """
+    if by_param:
+        from paramctl import optimizer
+
+        table = load(ckpt)
+        states = optimizer.find(table)
+        for line in optimizer.unmapped_notes(states):
+            output.note(line)
+        rows = optimizer.matching(optimizer.slot_stats(states), pattern, exclude, table.source)
+        output.emit(rows, optimizer.STATS_COLUMNS, output.resolve(fmt), title=ckpt)
+        return
     from paramctl.stats import sparkline, stats_rows
 
     tensors = selected(load(ckpt), pattern, exclude)
@@ -164,7 +188,7 @@ def check_command(
         error = no_match(where, pattern, exclude, matched=any(t.select(pattern) for _, t, *_ in chosen))
         if any(rows for _, _, rows, _ in chosen):
             error = UsageError(f"{output.quoted(pattern)} selects trackers only: check them with --all", where)
-        elif len(arguments) > 1 and pattern == arguments[-1]:
+        elif len(arguments) > 1 and pattern == arguments[-1] and re.fullmatch(r"[\w./-]+\.\w+", pattern):
             error = UsageError(f"{error.message} (and there is no file of that name)", where)
         raise error
     failures = []
