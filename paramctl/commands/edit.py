@@ -11,6 +11,7 @@ from paramctl import output
 from paramctl.cli import (
     checkpoint_argument,
     cli,
+    keep_optimizer_option,
     load,
     output_options,
     output_target,
@@ -160,6 +161,7 @@ def rename_command(
 @click.argument("pattern")
 @click.option("--exclude", "-x", multiple=True, metavar="PATTERN", help="Keep names matching PATTERN (repeatable).")
 @dry_run_option
+@keep_optimizer_option
 @output_options
 @write_options
 @shard_size_option
@@ -168,6 +170,7 @@ def rm_command(
     pattern: str,
     exclude: tuple[str, ...],
     dry_run: bool,
+    keep_optimizer: bool,
     fmt: str | None,
     output_path: str | None,
     in_place: bool,
@@ -177,7 +180,9 @@ def rm_command(
     """Remove the tensors whose names match PATTERN (a regular expression, searched as grep does).
 
     A PATTERN that matches nothing is an error, and nothing is written. Removing one name of a tie
-    leaves the others; in a .pt the entry leaves the saved object.
+    leaves the others; in a .pt the entry leaves the saved object. A removed parameter's optimizer
+    state goes with it (its index leaves param_groups, later ones are renumbered) unless
+    --keep-optimizer.
 
     \b
     Example:
@@ -190,7 +195,12 @@ def rm_command(
         rows = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in gone]
         output.emit(rows, ["name", "shape", "dtype"], fmt, title=f"{ckpt}: {len(rows)} removed")
         return
+    from paramctl import optimizer
+
+    states = [] if keep_optimizer else optimizer.find(table)
     table.remove(gone)
+    for line in optimizer.drop(table, states, gone):
+        output.note(line)
     if output.stderr_is_terminal():
         output.note(f"removed {len(gone)} of {len(gone) + len(table)} tensors")
     target = output_target(ckpt, output_path, in_place)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import click
 
 from paramctl import output
-from paramctl.cli import cli, load, output_target, pattern_options, selected, write_checkpoint, write_options
+from paramctl.cli import (
+    cli,
+    keep_optimizer_option,
+    load,
+    output_target,
+    pattern_options,
+    selected,
+    write_checkpoint,
+    write_options,
+)
 from paramctl.errors import UsageError
 from paramctl.init import LAYOUTS, Step, known_initializers
 from paramctl.table import Checkpoint, Tensor
@@ -25,6 +34,7 @@ from paramctl.table import Checkpoint, Tensor
 @click.option("--seed", type=int, metavar="N", help="Draw each tensor from a generator seeded by (N, its name).")
 @click.option("--layout", type=click.Choice(LAYOUTS), help="Whose fans: torch (out, in, *k) or keras (*k, in, out).")
 @click.option("--dry-run", is_flag=True, help="Print the plan only; write nothing.")
+@keep_optimizer_option
 @write_options
 def reinit_command(
     ckpt: str,
@@ -34,6 +44,7 @@ def reinit_command(
     seed: int | None,
     layout: str | None,
     dry_run: bool,
+    keep_optimizer: bool,
     output_path: str | None,
     in_place: bool,
     to: str | None,
@@ -48,6 +59,9 @@ def reinit_command(
     selected tensor gets SPEC, and one it cannot take is an error. Fans follow the file's
     framework (PyTorch for .pt and safetensors, Keras for HDF5); a tied tensor is re-initialized
     once and stays tied. The plan goes to standard error.
+
+    In a training checkpoint, a re-initialized parameter's optimizer state is reset as a new
+    parameter's would be (moments 0, step 0), unless --keep-optimizer.
 
     A custom initializer is called as FUNC(tensor, name=, generator=, fan_in=, fan_out=) and
     fills the float32 tensor in place or returns one of the same shape.
@@ -83,7 +97,12 @@ def reinit_command(
         raise UsageError("nothing selected can be re-initialized", table.source)
     if dry_run:
         return
+    from paramctl import optimizer
+
+    states = [] if keep_optimizer else optimizer.find(table)
     reinitialize(table, steps, seed)
+    for line in optimizer.reset(table, states, [s.tensor for s in changing]):
+        output.note(line)
     write_checkpoint(table, target, to)
 
 
@@ -116,6 +135,7 @@ def plan_lines(table: Checkpoint, steps: list[Step]) -> list[str]:
 @click.option(
     "--exclude", "-x", multiple=True, metavar="PATTERN", help="With --expr: leave out names matching PATTERN."
 )
+@keep_optimizer_option
 @write_options
 def set_command(
     ckpt: str,
@@ -123,6 +143,7 @@ def set_command(
     value: str | None,
     expr: str | None,
     exclude: tuple[str, ...],
+    keep_optimizer: bool,
     output_path: str | None,
     in_place: bool,
     to: str | None,
@@ -136,6 +157,7 @@ def set_command(
     tanh floor ceil round trunc isnan isinf isfinite minimum maximum clip where; it is parsed,
     never run as Python. Values are computed in float64 (integers: int64) and cast back to the
     tensor's dtype; integer tensors only take integers. A tied tensor changes under every name.
+    An edited parameter's optimizer state is reset (moments 0, step 0) unless --keep-optimizer.
 
     \b
     Example:
@@ -160,11 +182,16 @@ def set_command(
     else:
         edits = [Edit(t, ()) for t in once_per_tie(selected(table, where, exclude))]
     results = [(e, *edited_values(e, expression)) for e in edits]  # all checked before any is changed
+    from paramctl import optimizer
+
+    states = [] if keep_optimizer else optimizer.find(table)
     for e, values, count, broken in results:
         table.assign(e.tensor, values)
         output.note(f"{e.label}: {count} value{'s' if count != 1 else ''} set to {expression.text}")
         if broken:
             output.note(f"warning: {e.label}: {broken} value(s) became NaN or infinite in {e.tensor.dtype}")
+    for line in optimizer.reset(table, states, [e.tensor for e in edits]):
+        output.note(line)
     write_checkpoint(table, target, to)
 
 
