@@ -16,7 +16,6 @@ gives the authoritative error for a damaged file.
 
 from __future__ import annotations
 
-import functools
 import math
 import mmap
 import os
@@ -29,16 +28,19 @@ from typing import Any
 
 from paramctl.dtypes import itemsize
 from paramctl.formats.hdf5 import (
+    MAX_EMPTY_LISTS,
     TAGGED,
     TAGGED_SIZES,
     TIES_ATTR,
     H5Image,
+    decoded_storage,
+    empty_array,
+    empty_lists,
     listed_weights,
     natural_key,
     ordered_rows,
-    read_dataset,
 )
-from paramctl.table import Storage, Tensor
+from paramctl.table import Storage, Tensor, check_shape
 
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MAX_OBJECTS = 1 << 20  # object headers, B-tree nodes and messages: a bound on any loop
@@ -483,6 +485,8 @@ class Reader:
         width = 1 << (flags & 3)
         length, pos = self.uint(pos, width), pos + width
         name = self.text(self.raw(pos, length))
+        if kind not in (0, 1):  # an external or user-defined link: h5py's reading refuses it
+            raise Unsupported(f"link {name!r} of type {kind}")
         return name, self.defined(pos + length) if kind == 0 else None, order
 
     def link_info(self, at: int) -> tuple[int, int] | None:
@@ -709,6 +713,8 @@ class Reader:
         shape, kind = attribute.shape, attribute.type
         if shape is None:
             raise Unsupported("an empty attribute")  # h5py gives an Empty object
+        if math.prod(shape) == 0 and empty_lists(shape) > MAX_EMPTY_LISTS:
+            return empty_array(shape)  # as hdf5.plain: not 2**40 empty lists
         text = self.strings(attribute)
         if text is not None:
             flat = text if isinstance(text, list) else [text]
@@ -803,15 +809,18 @@ class Reader:
             raise Unsupported(f"dataset {name!r} has no datatype")
         kind, address, size = ds.layout
         offset = address if kind == 1 else None
-        if ds.shape is None or (offset is None and (ds.external or kind == 3)):
+        if ds.external or kind == 3:  # values in other files, which h5py would read: it says how
+            raise Unsupported(f"dataset {name!r} has external storage or is virtual")
+        if ds.shape is None:
             return None
         dtype = self.tensor_dtype(ds)
         if dtype is None:
             return None
+        check_shape(name, ds.shape, self.image.path)
         nbytes = math.prod(ds.shape) * itemsize(dtype)
         image = self.image
         if offset is None or ds.type.big_endian:  # h5py decodes chunks, fill values, byte order
-            storage = Storage(nbytes, path=image.path, load=functools.partial(read_dataset, image, name))
+            storage = decoded_storage(image, name, nbytes, stored=offset is not None)
         elif offset + nbytes > self.size or size not in (0, nbytes):
             raise Unsupported(f"dataset {name!r} lies beyond the end of the file")  # h5py says how
         elif image.data is not None:  # a decompressed .keras member: the values are in memory already
