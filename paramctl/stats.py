@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from paramctl.dtypes import itemsize
 from paramctl.forked import streamed
 from paramctl.table import CHUNK_ELEMENTS, Tensor
 
@@ -165,7 +164,7 @@ def summaries(tensors: Sequence[Tensor]) -> Iterator[Summary]:
     Only where numpy's BLAS runs one thread per process (the CLI sees to it): a forked child's
     BLAS threads and this process's would otherwise spin against each other on the same cores."""
     splits = [split_point(t) for t in tensors]
-    helped = sum((t.numel - at) * itemsize(t.dtype) for t, at in zip(tensors, splits))
+    helped = sum((t.numel - at) * t.nbytes // max(t.numel, 1) for t, at in zip(tensors, splits))
     if helped < PARALLEL_BYTES or not hasattr(os, "fork") or os.environ.get("OPENBLAS_NUM_THREADS") != "1":
         yield from (summarize(t) for t in tensors)
         return

@@ -1,0 +1,190 @@
+"""GGUF (llama.cpp, Ollama): read with llama.cpp's own `gguf` package, imported only here.
+
+Names are the file's tensor names; shapes are in numpy order (GGUF stores `ne`, the reverse).
+Float and integer tensors (F32, F16, BF16, F64, I8-I64) are ordinary rows over the file's bytes.
+Quantized tensors (Q8_0, Q4_K, IQ*, ...) are rows whose dtype is the GGML type in lower case
+(`q4_k`), whose `nbytes` is what the file stores, and whose values are dequantized to float32 by
+`gguf.quants.dequantize` a few rows at a time (stats, check, diff, show); a type the package
+cannot dequantize is refused when its values are asked for, naming the tensor and the type.
+Writing GGUF is not supported: a GGUF source converts to safetensors or .pt (quantized rows with
+`--dequantize`, as float32).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from paramctl.errors import FormatError, UsageError
+from paramctl.formats import Format, register
+from paramctl.table import CHUNK_ELEMENTS, Checkpoint, Storage, Tensor, tensor_from_array
+
+if TYPE_CHECKING:
+    import numpy as np
+
+MAGIC = b"GGUF"
+# GGML types that are plain numpy arrays, by their GGML name
+PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+PLAIN.update({"I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"})
+ARRAY_SHOWN = 16  # a metadata array longer than this is summarised in `info`
+
+
+@dataclass(eq=False)
+class QuantizedTensor(Tensor):
+    """A row stored in GGML blocks: `storage` holds the blocks, values come dequantized."""
+
+    ggml_type: int = 0
+    stored_nbytes: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.stored_nbytes
+
+    @property
+    def streams(self) -> bool:
+        return False
+
+    def check_bounds(self) -> None:
+        if self.stored_nbytes > self.storage.nbytes:
+            raise FormatError(f"tensor {self.name!r} runs past the end of the file", self.storage.path)
+
+    def tobytes(self) -> bytes | memoryview:
+        raise UsageError(
+            f"tensor {self.name!r} is quantized ({self.dtype}): convert with --dequantize to write it as float32",
+            self.storage.path,
+        )
+
+    def _dequantize(self, first_row: int, rows: int) -> np.ndarray:
+        import numpy as np
+        from gguf import GGMLQuantizationType, quants
+
+        row_bytes = self.stored_nbytes // max(self.n_rows, 1)
+        raw = self.storage.read(first_row * row_bytes, rows * row_bytes)
+        blocks = np.frombuffer(raw, np.uint8).reshape(rows, row_bytes)
+        qtype = GGMLQuantizationType(self.ggml_type)
+        try:
+            return quants.dequantize(blocks, qtype).reshape(-1)
+        except NotImplementedError:
+            raise UsageError(
+                f"tensor {self.name!r}: the gguf package cannot dequantize {self.dtype} (leave it out with --exclude)",
+                self.storage.path,
+            ) from None
+
+    @property
+    def n_rows(self) -> int:
+        return self.numel // self.shape[-1] if self.shape and self.shape[-1] else 0
+
+    def array(self) -> np.ndarray:
+        import numpy as np
+
+        if self.numel == 0:
+            return np.empty(self.shape, np.float32)
+        return self._dequantize(0, self.n_rows).reshape(self.shape)
+
+    def chunks(self, elements: int = CHUNK_ELEMENTS, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        """Dequantized values from element START to STOP, a few whole rows at a time."""
+        stop = self.numel if stop is None else min(stop, self.numel)
+        if start >= stop:
+            return
+        width = self.shape[-1]
+        rows_per_chunk = max(1, elements // width)
+        row = start // width
+        while row * width < stop:
+            rows = min(rows_per_chunk, self.n_rows - row)
+            values = self._dequantize(row, rows)
+            lo = max(start - row * width, 0)
+            hi = min(stop - row * width, rows * width)
+            yield values[lo:hi]
+            row += rows
+
+    def dequantized(self) -> Tensor:
+        """The same row as float32 values in memory."""
+        return tensor_from_array(self.name, self.array())
+
+
+def load(path: str, source: str) -> Checkpoint:
+    from gguf import GGML_QUANT_SIZES, GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        infos = list(reader.tensors)
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError, UnicodeDecodeError) as e:
+        raise FormatError(f"invalid GGUF file: {e}", path) from None
+    size = int(reader.data.shape[0])
+    tensors: list[Tensor] = []
+    for info in infos:
+        name = info.name
+        shape = tuple(int(n) for n in reversed(info.shape.tolist()))
+        ggml_name = info.tensor_type.name
+        block, type_size = GGML_QUANT_SIZES[info.tensor_type]
+        numel = math.prod(shape)
+        if shape and shape[-1] % block:
+            raise FormatError(f"tensor {name!r}: a row of {shape[-1]} is not whole {ggml_name} blocks", path)
+        stored = numel // block * type_size
+        if info.data_offset < 0 or info.data_offset + stored > size:
+            raise FormatError(f"tensor {name!r} runs past the end of the file", path)
+        storage = Storage(stored, path=path, offset=int(info.data_offset))
+        attrs = {"ggml_type": ggml_name}
+        if ggml_name in PLAIN:
+            tensors.append(Tensor(name, shape, PLAIN[ggml_name], storage, attrs=attrs))
+        else:
+            tensors.append(
+                QuantizedTensor(
+                    name,
+                    shape,
+                    ggml_name.lower(),
+                    storage,
+                    attrs=attrs,
+                    ggml_type=int(info.tensor_type),
+                    stored_nbytes=stored,
+                )
+            )
+    return Checkpoint(source, "gguf", tensors, extra=GGUFSource(metadata_of(reader)))
+
+
+@dataclass
+class GGUFSource:
+    metadata: dict[str, Any]  # the key-value metadata, JSON-safe (long arrays summarised)
+
+
+def metadata_of(reader: Any) -> dict[str, Any]:
+    """The key-value metadata in file order, JSON-safe; arrays longer than ARRAY_SHOWN summarised."""
+    from gguf import GGUFValueType
+
+    found: dict[str, Any] = {}
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF."):
+            continue  # the reader's pseudo-fields: version, tensor_count, kv_count
+        if field.types and field.types[0] == GGUFValueType.ARRAY and len(field.data) > ARRAY_SHOWN:
+            kind = field.types[-1].name.lower() if len(field.types) > 1 else "value"
+            found[field.name] = f"[{len(field.data)} {kind} values]"
+            continue
+        try:
+            value = field.contents()
+        except (ValueError, UnicodeDecodeError) as e:
+            value = f"<unreadable: {e}>"
+        found[field.name] = value
+    return found
+
+
+def entries(ckpt: Checkpoint) -> dict[str, Any]:
+    """The metadata, and the tensor count by GGML type (quantization types by count)."""
+    counts: dict[str, int] = {}
+    for t in ckpt.tensors:
+        if "ggml_type" in t.attrs:
+            counts[t.attrs["ggml_type"]] = counts.get(t.attrs["ggml_type"], 0) + 1
+    return {**ckpt.extra.metadata, "ggml_types": dict(sorted(counts.items()))}
+
+
+register(
+    Format(
+        name="gguf",
+        description="GGUF (llama.cpp)",
+        load=load,
+        accept=lambda probe: probe.head[:4] == MAGIC,
+        entries=entries,
+        priority=30,
+    )
+)
