@@ -136,9 +136,19 @@ def byte_offsets(t: Tensor) -> np.ndarray:
     return (offsets[:, None] + np.arange(size, dtype=np.int64)).ravel()
 
 
+def stored_name(ckpt: Checkpoint, group: list[str]) -> str:
+    """The name under which a format that keeps one copy of a tie group (safetensors) stores it:
+    the name the group's aliases point to (the kept name of a file read, SRC of `tie`), else the
+    group's first name in the table's order, which is the source's own (module order for a state
+    dict: `transformer.wte.weight` before `lm_head.weight`), as transformers keeps it."""
+    members = set(group)
+    return next((n for n in group if ckpt[n].attrs.get("alias_of") not in members), group[0])
+
+
 def tie(ckpt: Checkpoint, src: str, dsts: Iterable[str]) -> None:
-    """Make every name in DSTS the same tensor as SRC (their bytes become SRC's)."""
-    source = ckpt[src]
+    """Make every name in DSTS the same tensor as SRC (their bytes become SRC's); the group's
+    other names become aliases of SRC, so a one-copy format stores SRC."""
+    source, dsts = ckpt[src], list(dsts)
     for name in dsts:
         t = ckpt[name]
         if (t.shape, t.dtype) != (source.shape, source.dtype):
@@ -150,8 +160,11 @@ def tie(ckpt: Checkpoint, src: str, dsts: Iterable[str]) -> None:
     for name in dsts:
         t = ckpt[name]
         t.storage, t.offset, t.stride = source.storage, source.offset, source.stride
-        t.attrs.pop("alias_of", None)
     ckpt.link_ties()
+    source.attrs.pop("alias_of", None)
+    for t in ckpt.tensors:
+        if t is not source and t.tie is not None and t.tie == source.tie:
+            t.attrs["alias_of"] = src
 
 
 def untie(ckpt: Checkpoint, names: Iterable[str]) -> int:

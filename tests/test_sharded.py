@@ -109,9 +109,15 @@ def test_an_index_path_alone_writes_shards_of_the_default_size(tmp_path):
         ["0.bias", "0.weight", "2.bias", "2.weight"], "model-00001-of-00001.safetensors"
     )
     assert ls(index) == ls(SAMPLES / "mlp.pt")
-    to_dir = tmp_path / "bin_dir"
+    # into a directory, the source's own name, and one file when it fits one shard (save_pretrained)
+    to_dir = tmp_path / "pt_dir"
     assert run("convert", str(SAMPLES / "mlp.pt"), f"{to_dir}/").exit_code == 0  # a directory: the input's format
-    assert sorted(os.listdir(to_dir)) == ["pytorch_model-00001-of-00001.bin", "pytorch_model.bin.index.json"]
+    assert sorted(os.listdir(to_dir)) == ["mlp.pt"]
+    assert run("diff", str(SAMPLES / "mlp.pt"), str(to_dir / "mlp.pt")).exit_code == 0
+    assert run("convert", str(SAMPLES / "mlp.pt"), str(to_dir), "--shard-size", "20KB").exit_code == 0
+    shards = ["mlp-00001-of-00002.pt", "mlp-00002-of-00002.pt"]
+    assert sorted(os.listdir(to_dir)) == [*shards, "mlp.pt", "mlp.pt.index.json"]
+    assert ls(to_dir / "mlp.pt.index.json") == ls(SAMPLES / "mlp.pt")
 
 
 def test_a_tie_stays_in_one_shard(tmp_path):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import SAMPLES, run
+from safetensors import safe_open
 from torch import nn
 
 import paramctl
@@ -57,7 +58,7 @@ def test_shared_layer_mlp_is_shared():
 def test_gpt_tied_head_shared_in_pt_and_declared_in_safetensors(gpt):
     _, pt, st = gpt
     assert tied(pt) == [{"names": ["wte.weight", "lm_head.weight"], "kind": "shared"}]
-    assert tied(st) == [{"names": ["lm_head.weight", "wte.weight"], "kind": "declared"}]
+    assert tied(st) == [{"names": ["lm_head.weight", "wte.weight"], "kind": "declared"}]  # save_model's choice
     assert len(json.loads(run("ls", str(st), "-f", "json").stdout)) == 4  # both names are rows
 
 
@@ -130,11 +131,40 @@ def test_tie_in_safetensors_is_one_copy_plus_alias(tmp_path, gpt):
     assert sorted(load_file(untied)) == ["block.bias", "block.weight", "lm_head.weight", "wte.weight"]
     out = tmp_path / "tied.safetensors"
     assert run("tie", str(untied), "wte.weight", "lm_head.weight", "-o", str(out)).exit_code == 0
-    assert sorted(load_file(out)) == ["block.bias", "block.weight", "lm_head.weight"]
+    assert sorted(load_file(out)) == ["block.bias", "block.weight", "wte.weight"]  # SRC is the copy kept
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata() == {"format": "pt", "lm_head.weight": "wte.weight"}  # {dropped: kept}
     fresh = TinyGPT()
     load_model(fresh, str(out))
     assert torch.equal(fresh.lm_head.weight, model.wte.weight)
-    assert tied(out) == [{"names": ["lm_head.weight", "wte.weight"], "kind": "declared"}]
+    assert tied(out) == [{"names": ["wte.weight", "lm_head.weight"], "kind": "declared"}]
+    # the other way round, SRC is still the copy kept, whatever the alphabet or the table's order
+    back = tmp_path / "back.safetensors"
+    assert run("tie", str(out), "lm_head.weight", "wte.weight", "-o", str(back)).exit_code == 0
+    assert sorted(load_file(back)) == ["block.bias", "block.weight", "lm_head.weight"]
+    with safe_open(str(back), "pt") as f:
+        assert f.metadata() == {"format": "pt", "wte.weight": "lm_head.weight"}
+
+
+def test_safetensors_keeps_the_first_name_in_the_sources_order(tmp_path, gpt):
+    """transformers keeps `transformer.wte.weight` of GPT-2 and `shared.weight` of T5, the first
+    name in module order, and the other names of the group are declared aliases of it."""
+    from safetensors.torch import load_file
+
+    _, pt, _ = gpt
+    out = tmp_path / "out.safetensors"
+    assert run("convert", str(pt), str(out)).exit_code == 0
+    assert sorted(load_file(out)) == ["block.bias", "block.weight", "wte.weight"]
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata() == {"format": "pt", "lm_head.weight": "wte.weight"}
+    # four names of one tensor, as T5 ties shared, both embed_tokens and lm_head
+    names = ["shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"]
+    shared = torch.randn(10, 4)
+    torch.save({**dict.fromkeys(names, shared), "final.bias": torch.zeros(4)}, tmp_path / "t5.pt")
+    assert run("convert", str(tmp_path / "t5.pt"), str(out)).exit_code == 0
+    assert sorted(load_file(out)) == ["final.bias", "shared.weight"]
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata() == {"format": "pt", **dict.fromkeys(names[1:], "shared.weight")}
 
 
 def test_tie_refuses_mismatched_shapes_and_writes_nothing(tmp_path):

@@ -288,18 +288,18 @@ def save(ckpt: Checkpoint, target: str, fmt: str, shard_size: int | None = None)
         raise UsageError("a sharded checkpoint is several files: name an index path or a directory, not '-'")
     source = ckpt.extra if isinstance(ckpt.extra, ShardedSource) else None
     resplit = source is None or shard_size is not None
-    if into_directory(target) and resplit:
-        if fmt not in SHARD_FORMATS or len(split(ckpt.tensors, shard_size or DEFAULT_SHARD_SIZE)) == 1:
-            os.makedirs(target, exist_ok=True)
-            name = weights_name(ckpt, fmt)
-            save_file(ckpt, os.path.join(target, name), fmt)
-            if source is not None and os.path.realpath(os.path.dirname(source.index)) == os.path.realpath(target):
-                for file in [*(shard.file for shard in source.shards), os.path.basename(source.index)]:
-                    if file != name:
-                        with contextlib.suppress(OSError):  # in place: the shards are one file now
-                            os.unlink(os.path.join(target, file))
-            copy_companions(ckpt, target)
-            return
+    one_file = fmt not in SHARD_FORMATS or len(split(ckpt.tensors, shard_size or DEFAULT_SHARD_SIZE)) == 1
+    if into_directory(target) and resplit and one_file:
+        os.makedirs(target, exist_ok=True)
+        name = weights_name(ckpt, fmt)
+        save_file(ckpt, os.path.join(target, name), fmt)
+        if source is not None and os.path.realpath(os.path.dirname(source.index)) == os.path.realpath(target):
+            for file in [*(shard.file for shard in source.shards), os.path.basename(source.index)]:
+                if file != name:
+                    with contextlib.suppress(OSError):  # in place: the shards are one file now
+                        os.unlink(os.path.join(target, file))
+        copy_companions(ckpt, target)
+        return
     if fmt not in SHARD_FORMATS:
         raise UsageError(f"shards are safetensors or .bin files, not {fmt}")
     index = index_path(target, fmt, ckpt)
