@@ -21,11 +21,12 @@ import pkgutil
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from paramctl.atomic import atomic_path
 from paramctl.errors import FormatError, ParamctlError, UsageError
 from paramctl.table import Checkpoint
 
@@ -276,36 +277,3 @@ def save(ckpt: Checkpoint, path: str, fmt: str | None = None, shard_size: int | 
         return
     with atomic_path(path) as tmp:
         target.save(ckpt, tmp)
-
-
-@contextlib.contextmanager
-def atomic_path(target: str) -> Iterator[str]:
-    """A temporary path beside TARGET, renamed over it once the writer has finished.
-
-    On any error the temporary file is removed and TARGET is left as it was. For `-`, the file
-    is written in the temporary directory and then copied to standard output.
-    """
-    directory = tempfile.gettempdir() if target == "-" else os.path.dirname(os.path.abspath(target))
-    name = "stdout" if target == "-" else os.path.basename(target)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".paramctl-tmp", dir=directory)
-    except OSError as e:
-        raise ParamctlError(f"cannot write: {e.strerror or e}", target) from None
-    os.close(fd)
-    try:
-        yield tmp
-        if target == "-":
-            with open(tmp, "rb") as f:
-                shutil.copyfileobj(f, sys.stdout.buffer, 1 << 22)
-            sys.stdout.buffer.flush()
-        else:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, target)
-    except OSError as e:
-        raise ParamctlError(f"cannot write: {e.strerror or e}", target) from None
-    finally:
-        _remove(tmp)
