@@ -119,7 +119,7 @@ KERAS_LAYER_VARS: dict[str, tuple[str, ...]] = {
 
 def leaf_of(name: str) -> str:
     """The last part of NAME split on `.` and `/`, without a TensorFlow `:0` suffix."""
-    return re.split(r"[./]", re.sub(r":\d+$", "", name))[-1]
+    return re.split(r"[./]", re.sub(r":\d+$|/\.ATTRIBUTES/VARIABLE_VALUE$", "", name))[-1]  # TF: k/.ATTRIBUTES/...
 
 
 def sibling_name(name: str, leaf: str) -> str:
