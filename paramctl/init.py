@@ -118,8 +118,16 @@ KERAS_LAYER_VARS: dict[str, tuple[str, ...]] = {
 
 
 def leaf_of(name: str) -> str:
-    """The last part of NAME split on `.` and `/`, without a TensorFlow `:0` suffix."""
-    return re.split(r"[./]", re.sub(r":\d+$|/\.ATTRIBUTES/VARIABLE_VALUE$", "", name))[-1]  # TF: k/.ATTRIBUTES/...
+    """The last part of NAME split on `.` and `/`, without a TensorFlow `:0` suffix. A flat MXNet
+    symbol name (`dense0_weight`; `arg:dense0_weight`, `aux:batchnorm0_running_mean` from
+    `export`) gives the suffix MXNet's Initializer matches it by (`weight`, `running_mean`)."""
+    leaf = re.split(r"[./]", re.sub(r":\d+$|/\.ATTRIBUTES/VARIABLE_VALUE$", "", name))[-1]  # TF: k/.ATTRIBUTES/...
+    if leaf == name and leaf not in LEAF_ROLES:
+        flat = re.sub(r"^(arg|aux):", "", name)
+        for known in sorted((*LEAF_ROLES, "weight", "bias"), key=len, reverse=True):
+            if flat.endswith("_" + known):
+                return known
+    return leaf
 
 
 def sibling_name(name: str, leaf: str) -> str:
