@@ -690,8 +690,9 @@ def save(ckpt: Checkpoint, path: str) -> None:
             tied[t.tie] = made[id(t)]
         return made[id(t)]
 
-    if ckpt.format == "pt" and ckpt.extra is not None:
-        obj = _to_torch_objects(arrange(ckpt.extra, ckpt.tensors), convert)
+    tree = ckpt.extra if ckpt.format == "pt" else source_object(ckpt)
+    if tree is not None:
+        obj = _to_torch_objects(arrange(tree, ckpt.tensors), convert)
     else:
         obj = collections.OrderedDict((t.name, convert(t)) for t in ckpt.tensors)
     try:
@@ -1027,8 +1028,14 @@ def _accept(probe: Probe) -> bool:
     return names is not None and any(n.endswith("/data.pkl") and n.count("/") == 1 for n in names)
 
 
+def source_object(ckpt: Checkpoint) -> Any:
+    """The object another format's reader says `torch.save` should write for CKPT (a DCP
+    directory: the nested state dict `dcp_to_torch_save` writes), or None."""
+    return getattr(ckpt.extra, "pt_object", None)
+
+
 def _losses(ckpt: Checkpoint, sharded: bool) -> list[str]:
-    if ckpt.format == "pt" and not sharded:
+    if (ckpt.format == "pt" or source_object(ckpt) is not None) and not sharded:
         return []
     return dropped_entries(ckpt, "sharded pt" if sharded else "pt")
 
