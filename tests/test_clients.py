@@ -470,3 +470,222 @@ def test_transformers_4_loads_the_outputs(zoo, tmp_path):
         assert result["info"] == CLEAN, (path.name, result["info"])
         expected = outputs(load_clean(built.cls, path, dtype=torch.float32))
         assert torch.allclose(torch.tensor(result["logits"]), expected, atol=1e-5), path.name
+
+
+# --- diffusers -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unet(tmp_path_factory) -> Built:
+    diffusers = pytest.importorskip("diffusers")
+    root = tmp_path_factory.mktemp("unet")
+    torch.manual_seed(0)
+    model = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ).eval()
+    forms = {form: root / form for form in ("st", "st-sharded", "bin")}
+    model.save_pretrained(forms["st"])
+    model.save_pretrained(forms["st-sharded"], max_shard_size=SHARD)
+    model.save_pretrained(forms["bin"], safe_serialization=False)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return Built(diffusers.UNet2DModel, forms, outputs(model), state)
+
+
+UNET_CONVERSIONS = {
+    ("st", "st-sharded"): ("--shard-size", SHARD),
+    ("st-sharded", "st"): ("--shard-size", "5GB"),
+    ("st", "bin"): ("--to", "pt"),
+    ("bin", "st"): ("--to", "safetensors"),
+    ("bin", "st-sharded"): ("--to", "safetensors", "--shard-size", SHARD),
+    ("st-sharded", "bin-sharded"): ("--to", "pt"),  # the source's layout, in .bin shards
+}
+
+
+@pytest.mark.parametrize("source,target", UNET_CONVERSIONS)
+def test_diffusers_unet_keeps_its_file_names_and_loads(unet, tmp_path, source, target):
+    out = tmp_path / "out"
+    paramctl("convert", unet.forms[source], f"{out}/", *UNET_CONVERSIONS[source, target])
+    assert weights_files(out) == sorted(expected_files(target, out, "diffusion_pytorch_model"))
+    assert (out / "config.json").exists()
+    # diffusers looks for the .bin index only when told not to prefer safetensors
+    options = {"use_safetensors": False} if target == "bin-sharded" else {}
+    assert torch.equal(outputs(load_clean(unet.cls, out, **options)), unet.logits)
+
+
+def test_diffusers_unet_edits(unet, tmp_path):
+    zeros, half, without = tmp_path / "zeros", tmp_path / "half", tmp_path / "without"
+    paramctl("reinit", unet.forms["st-sharded"], "^conv_out\\.", "--init", "zeros", "-o", f"{zeros}/")
+    assert torch.equal(outputs(load_clean(unet.cls, zeros)), torch.zeros_like(unet.logits))
+    paramctl("cast", unet.forms["bin"], "--dtype", "float16", "-o", f"{half}/")
+    state = load_clean(unet.cls, half, torch_dtype=torch.float16).state_dict()
+    assert all(torch.equal(state[n], v.half()) for n, v in unet.state.items())
+    paramctl("rm", unet.forms["st"], "^conv_out\\.bias$", "-o", f"{without}/")
+    assert load(unet.cls, without)[1] == {**CLEAN, "missing_keys": ["conv_out.bias"]}
+
+
+@pytest.mark.parametrize("form", ["st", "st-sharded"])
+def test_an_edit_in_place_of_a_directory_keeps_its_files(unet, tmp_path, form):
+    copy = tmp_path / "copy"
+    shutil.copytree(unet.forms[form], copy)
+    before = sorted(p.name for p in copy.iterdir())
+    paramctl("set", copy, "conv_out.bias", "1.5", "--in-place")
+    assert sorted(p.name for p in copy.iterdir()) == before
+    loaded = load_clean(unet.cls, copy)
+    assert torch.equal(loaded.conv_out.bias, torch.full((1,), 1.5))
+
+
+# --- peft ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora(zoo, tmp_path_factory) -> Built:
+    """A LoRA adapter (B not zero, so it changes the logits) on the tiny GPT-2."""
+    peft = pytest.importorskip("peft")
+    root = tmp_path_factory.mktemp("lora")
+    base = zoo["gpt2"].cls.from_pretrained(zoo["gpt2"].forms["st"]).eval()
+    torch.manual_seed(0)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False)).eval()
+    forms = {"st": root / "st", "bin": root / "bin"}
+    model.save_pretrained(forms["st"])
+    model.save_pretrained(forms["bin"], safe_serialization=False)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    return Built(peft.PeftModel, forms, outputs(model), state)
+
+
+def load_adapter(zoo: dict[str, Built], path: Path) -> Any:
+    """PeftModel.from_pretrained on a fresh base; loading the adapter must match every key."""
+    from peft import PeftModel
+
+    base = zoo["gpt2"].cls.from_pretrained(zoo["gpt2"].forms["st"])
+    model = PeftModel.from_pretrained(base, path).eval()
+    result = model.load_adapter(path, adapter_name="check")
+    assert not result.unexpected_keys and not [k for k in result.missing_keys if "lora_" in k], result
+    return model
+
+
+@pytest.mark.parametrize(
+    "source,to,written", [("st", "pt", "adapter_model.bin"), ("bin", "safetensors", "adapter_model.safetensors")]
+)
+def test_peft_adapter_converted_loads_with_equal_logits(zoo, lora, tmp_path, source, to, written):
+    out = tmp_path / "out"
+    note = paramctl("convert", lora.forms[source], f"{out}/", "--to", to)
+    assert "adapter_config.json" in note
+    assert weights_files(out) == [written]
+    assert torch.equal(outputs(load_adapter(zoo, out)), lora.logits)
+
+
+def test_peft_adapter_edits(zoo, lora, tmp_path):
+    identity, doubled = tmp_path / "identity", tmp_path / "doubled"
+    # B = 0 makes the adapter a no-op: the base model's logits, exactly
+    paramctl("reinit", lora.forms["st"], "lora_B", "--init", "zeros", "-o", f"{identity}/")
+    assert torch.equal(outputs(load_adapter(zoo, identity)), zoo["gpt2"].logits)
+    paramctl("set", lora.forms["bin"], "lora_A", "--expr", "x * 2", "-o", f"{doubled}/")
+    model = load_adapter(zoo, doubled)
+    for name, value in model.state_dict().items():
+        if "lora_A" in name and ".default." in name:
+            assert torch.equal(value, lora.state[name] * 2), name
+    assert not torch.equal(outputs(model), lora.logits)
+
+
+# --- Lightning -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    module: Any  # the LightningModule class
+    ckpt: Path  # what ModelCheckpoint wrote after 3 steps
+    trainer: Any  # a Trainer factory: trainer(max_epochs, root)
+    data: Any
+
+
+@pytest.fixture(scope="module")
+def lightning_run(tmp_path_factory) -> Run:
+    L = pytest.importorskip("lightning")
+    from torch import nn
+
+    class Regressor(L.LightningModule):
+        def __init__(self, width: int = 8) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 1))
+
+        def training_step(self, batch: Any, _: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    root = tmp_path_factory.mktemp("lightning")
+    generator = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(12, 4, generator=generator), torch.randn(12, 1, generator=generator)
+    )
+
+    def trainer(max_epochs: int, root: Path) -> Any:
+        return L.Trainer(
+            max_epochs=max_epochs,
+            default_root_dir=root,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            devices=1,
+        )
+
+    torch.manual_seed(0)
+    trainer(1, root).fit(Regressor(), torch.utils.data.DataLoader(data, batch_size=4))
+    (ckpt,) = (root / "checkpoints").glob("*.ckpt")
+    return Run(Regressor, ckpt, trainer, data)
+
+
+def resume(run: Run, ckpt: Path) -> Any:
+    """Trainer.fit from CKPT for one more epoch (3 steps), checkpointing beside CKPT; the trainer."""
+    torch.manual_seed(0)
+    trainer = run.trainer(2, ckpt.parent)
+    trainer.fit(run.module(), torch.utils.data.DataLoader(run.data, batch_size=4), ckpt_path=ckpt)
+    assert trainer.global_step == 6  # resumed at step 3, not started afresh
+    return trainer
+
+
+def test_lightning_checkpoint_reinit_loads_and_resumes(lightning_run, tmp_path):
+    original = lightning_run.module.load_from_checkpoint(lightning_run.ckpt).state_dict()
+    out = tmp_path / "reinit.ckpt"
+    paramctl(
+        "reinit", lightning_run.ckpt, r"^state_dict\.net\.0\.weight$", "--init", "xavier", "--seed", "0", "-o", out
+    )
+    written = torch.load(out, weights_only=False)
+    assert set(written) == set(torch.load(lightning_run.ckpt, weights_only=False))  # loops, callbacks, hparams kept
+    model = lightning_run.module.load_from_checkpoint(out)
+    state = model.state_dict()
+    assert torch.equal(state["net.0.weight"], written["state_dict"]["net.0.weight"])
+    assert not torch.equal(state["net.0.weight"], original["net.0.weight"])
+    assert all(torch.equal(state[n], v) for n, v in original.items() if n != "net.0.weight")
+    resume(lightning_run, out)
+
+
+def test_lightning_checkpoint_rename_there_and_back_resumes(lightning_run, tmp_path):
+    renamed, back = tmp_path / "renamed.ckpt", tmp_path / "back.ckpt"
+    paramctl("rename", lightning_run.ckpt, r"s/^state_dict\.net\./state_dict.body./", "-o", renamed)
+    assert "body.0.weight" in torch.load(renamed, weights_only=False)["state_dict"]
+    paramctl("rename", renamed, r"s/^state_dict\.body\./state_dict.net./", "-o", back)
+    assert run("diff", str(lightning_run.ckpt), str(back)).exit_code == 0
+    resume(lightning_run, back)
+
+
+def test_lightning_checkpoint_set_and_cast_load(lightning_run, tmp_path):
+    original = lightning_run.module.load_from_checkpoint(lightning_run.ckpt).state_dict()
+    edited, half = tmp_path / "set.ckpt", tmp_path / "half.ckpt"
+    paramctl("set", lightning_run.ckpt, "state_dict.net.2.bias", "0.5", "-o", edited)
+    assert torch.equal(lightning_run.module.load_from_checkpoint(edited).net[2].bias, torch.tensor([0.5]))
+    paramctl("cast", lightning_run.ckpt, r"^state_dict\.", "--dtype", "float16", "-o", half)
+    assert torch.load(half, weights_only=False)["state_dict"]["net.0.weight"].dtype == torch.float16
+    state = lightning_run.module.load_from_checkpoint(half).state_dict()
+    assert all(torch.equal(state[n], v.half().float()) for n, v in original.items())
