@@ -96,7 +96,7 @@ def torch_states(ckpt: Checkpoint) -> list[OptimizerState]:
         state, groups = node.get("state"), node.get("param_groups")
         if not isinstance(state, dict) or not isinstance(groups, list):
             continue
-        params = [g.get("params") if isinstance(g, dict) else None for g in groups]
+        params: list[list[int]] = [g.get("params") if isinstance(g, dict) else None for g in groups]
         if not all(isinstance(p, list) and all(type(i) is int for i in p) for p in params):
             continue
         slots = []
@@ -120,25 +120,28 @@ def lookup(root: Any, keys: tuple) -> Any:
 
 
 def model_entry(root: dict, path: tuple) -> tuple | None:
-    """The keys of the state dict that holds the parameters the optimizer at PATH was built on:
-    Lightning's `state_dict`; else the one entry beside the optimizer holding tensors directly
-    (the conventional names first); else the object itself when its own entries are tensors."""
-    parent_keys = path[:-1]
-    parent = lookup(root, parent_keys)
-    if not isinstance(parent, dict):
+    """The keys of the state dict that holds the parameters the optimizer at PATH was built on,
+    looked for in the nearest dict holding the optimizer (Lightning's `optimizer_states` list sits
+    beside `state_dict`): its one entry holding tensors directly (the conventional names
+    first), else that dict itself when its own entries are tensors."""
+    for depth in range(len(path) - 1, -1, -1):
+        parent_keys = path[:depth]
+        parent = lookup(root, parent_keys)
+        if not isinstance(parent, dict):
+            continue
+        candidates = [
+            k
+            for k, v in parent.items()
+            if k != path[depth] and isinstance(v, dict) and any(isinstance(x, Tensor) for x in v.values())
+        ]
+        named = [k for name in MODEL_KEYS for k in candidates if k == name]
+        if named:
+            return (*parent_keys, named[0])
+        if len(candidates) == 1:
+            return (*parent_keys, candidates[0])
+        if not candidates and any(isinstance(v, Tensor) for v in parent.values()):
+            return parent_keys
         return None
-    candidates = [
-        k
-        for k, v in parent.items()
-        if (*parent_keys, k) != path and isinstance(v, dict) and any(isinstance(x, Tensor) for x in v.values())
-    ]
-    named = [k for name in MODEL_KEYS for k in candidates if k == name]
-    if named:
-        return (*parent_keys, named[0])
-    if len(candidates) == 1:
-        return (*parent_keys, candidates[0])
-    if not candidates and any(isinstance(v, Tensor) for v in parent.values()):
-        return parent_keys
     return None
 
 
@@ -395,7 +398,9 @@ def reset(ckpt: Checkpoint, states: list[OptimizerState], edited: list[Tensor]) 
 def zero(ckpt: Checkpoint, t: Tensor, shape: tuple[int, ...]) -> None:
     """Set T to zeros of SHAPE (its own storage when the shape changes)."""
     if tuple(shape) == t.shape:
-        ckpt.assign(t, 0)
+        import numpy as np
+
+        ckpt.assign(t, np.zeros(t.shape))
         return
     from paramctl.dtypes import itemsize
 
