@@ -252,6 +252,20 @@ def writes_shards(path: str, shard_size: int | None = None) -> bool:
     return shard_size is not None or path.endswith((".index.json", "/", os.sep)) or os.path.isdir(path)
 
 
+def refuse_overwriting_read_only(ckpt: Checkpoint, path: str, fmt: str) -> None:
+    """Refuse to replace a checkpoint read in a format paramctl does not write (a TorchScript
+    archive named `.pt`, a DCP directory) with one of another format: its code or layout would
+    be lost in place."""
+    source = FORMATS.get(ckpt.format)
+    if source is None or source.save is not None or path == "-" or not ckpt.path:
+        return
+    same = False
+    with contextlib.suppress(OSError):
+        same = os.path.exists(path) and os.path.samefile(path, ckpt.path)
+    if same:
+        raise UsageError(f"{source.description} is read-only in paramctl: convert to .pt or safetensors", path)
+
+
 def save(ckpt: Checkpoint, path: str, fmt: str | None = None, shard_size: int | None = None) -> None:
     """Write CKPT to PATH (`-`: standard output) atomically, in FMT or the format PATH implies.
 
@@ -261,6 +275,7 @@ def save(ckpt: Checkpoint, path: str, fmt: str | None = None, shard_size: int | 
     target = get(fmt)
     if target.save is None:
         raise UsageError(f"cannot write format {fmt!r}; choose one of {', '.join(writable())}")
+    refuse_overwriting_read_only(ckpt, path, fmt)
     parent = os.path.dirname(os.path.abspath(path.rstrip("/" + os.sep) or path))
     if path != "-" and not os.path.exists(parent):
         try:
