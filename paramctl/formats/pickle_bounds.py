@@ -19,6 +19,7 @@ longer than Python prints (about 4300 digits) is refused.
 from __future__ import annotations
 
 import pickletools
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from paramctl.errors import FormatError
@@ -30,192 +31,289 @@ HASHING = frozenset(["builtins.set", "builtins.frozenset", "collections.Counter"
 # callables whose results hash by their (file-controlled) contents: not admitted as keys
 STRUCTURAL = frozenset(["torch.Size", "builtins.frozenset", "builtins.tuple"])
 
-STRINGS = frozenset(
-    ["STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"]
-)
-SCALARS = frozenset(
-    ["INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8"]
-    + ["NONE", "NEWTRUE", "NEWFALSE", "FLOAT", "BINFLOAT"]
-)
+STRINGS = ["STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"]
+INTS = ["INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"]
+SCALARS = ["BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "NONE", "NEWTRUE", "NEWFALSE", "FLOAT", "BINFLOAT"]
+OPCODES = {op.code.encode("latin-1")[0]: op for op in pickletools.opcodes}
+STOP = next(op for op in pickletools.opcodes if op.name == "STOP")
 
 
 class Item:
     """What the walk knows of one object on the unpickler's stack or in its memo."""
 
-    __slots__ = ("kind", "ok", "name", "members")
+    __slots__ = ("kind", "key", "ok", "name", "members")
 
-    def __init__(self, kind: str, ok: bool = True, name: str | None = None, members: tuple = ()):
-        self.kind = kind  # scalar, str, tuple, list, dict, set, global, call, mark
-        # a key it may be (hashing it is bounded); for a list: every item may be a key
-        self.ok = ok
+    def __init__(self, kind: str, key: bool = False, ok: bool = True, name: str | None = None, members: tuple = ()):
+        self.kind = kind  # scalar, str, tuple, list, dict, set, frozenset, global, call, mark
+        self.key = key  # whether it may be a dict key or set item: hashing it is bounded
+        self.ok = ok  # a list: every item may be a key; a tuple: every item is a scalar, str or global
         self.name = name  # a str's text, a global's dotted name (None: unknown)
         self.members = members  # a tuple's items
 
 
-SCALAR = Item("scalar")
+SCALAR = Item("scalar", key=True)
 MARK = Item("mark")
+FLAT = ("scalar", "str", "global")
 
 
-def key_ok(item: Item) -> bool:
-    return item.kind in ("scalar", "str", "global") or (item.kind in ("tuple", "call", "frozenset") and item.ok)
+class Refused(Exception):
+    pass
 
 
 def check_pickle(stream: BinaryIO | Any, path: str) -> None:
     """Walk the opcodes of the pickle at STREAM's position, then rewind; FormatError for a
     stream the unpickler would misread, or be made to work without bound on."""
     start = stream.tell()
-    walk: Walk | None = Walk(path)
     try:
-        for op, arg, _pos in pickletools.genops(stream):
-            if walk is None:
-                continue
-            try:
-                walk.step(op.name, arg)
-            except (ValueError, IndexError, AttributeError):
-                # a stack the unpickler cannot build either: it stops here at the latest (having
-                # refused any global before), so nothing later is hashed
-                walk = None
-    except FormatError:
-        raise
+        walk(stream)
+    except Refused as e:
+        raise FormatError(f"refuses the pickle: {e}", path) from None
     except Exception as e:  # ValueError for a short read or a bad opcode, among others
         raise FormatError(f"invalid pickle: {e}", path) from None
     stream.seek(start)
 
 
-class Walk:
-    def __init__(self, path: str):
-        self.path = path
-        self.stack: list[Item] = []
-        self.memo: dict[int, Item] = {}
+def walk(stream: BinaryIO | Any) -> None:
+    """Read every opcode up to STOP (pickletools' readers check each declared length against
+    what is there) while keeping a model of the unpickler's stack and memo: what each object is,
+    as far as hashing it goes. Where the model's stack breaks, the unpickler's does too, at that
+    opcode at the latest (having refused any global before): the model stops, the reading goes on."""
+    stack: list[Item] = []
+    memo: dict[Any, Item] = {}
+    modelled = True
+    read = stream.read
+    while True:
+        code = read(1)
+        if not code:
+            raise ValueError("the pickle ends before its STOP opcode")
+        found = DISPATCH.get(code[0])
+        if found is None:
+            raise ValueError(f"unknown opcode {code!r}")
+        op, step = found
+        arg = op.arg.reader(stream) if op.arg is not None else None
+        if op is STOP:
+            return
+        if modelled:
+            try:
+                step(arg, stack, memo)
+            except (IndexError, KeyError, ValueError, AttributeError):
+                modelled = False
 
-    def refuse(self, what: str) -> None:
-        raise FormatError(f"refuses the pickle: {what}", self.path)
 
-    def pop_mark(self) -> list[Item]:
-        stack = self.stack
-        for i in range(len(stack) - 1, -1, -1):
-            if stack[i] is MARK:
-                items = stack[i + 1 :]
-                del stack[i:]
-                return items
-        raise ValueError("no mark on the stack")
+def pop_mark(stack: list[Item]) -> list[Item]:
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i] is MARK:
+            items = stack[i + 1 :]
+            del stack[i:]
+            return items
+    raise IndexError("no mark on the stack")
 
-    def pop(self) -> Item:
-        return self.stack.pop()
 
-    def check_key(self, item: Item, where: str) -> None:
-        if not key_ok(item):
-            self.refuse(
+def check_keys(items: list[Item] | tuple[Item, ...], where: str) -> None:
+    for item in items:
+        if not item.key:
+            raise Refused(
                 f"a {where} that is a {item.kind} of containers or objects (keys are str, int or tuples of those)"
             )
 
-    def call(self, callable_: Item, args: list[Item] | tuple[Item, ...]) -> Item:
-        """The result of calling CALLABLE_ with ARGS; a hashing class's arguments are checked."""
-        name = callable_.name if callable_.kind == "global" else None
-        if name is None or name in HASHING:
-            for arg in args:
-                if arg.kind in ("list", "tuple") and not (
-                    arg.ok if arg.kind == "list" else all(map(key_ok, arg.members))
-                ):
-                    self.refuse(f"{name or 'a class'} given items that are containers or objects")
-        return Item("call", ok=name is not None and name not in STRUCTURAL, name=name)
 
-    @staticmethod
-    def appended(target: Item, items: list[Item]) -> None:
-        if target.kind == "list":  # (else the unpickler fails, or an opaque object records them)
-            target.ok = target.ok and all(map(key_ok, items))
+def appended(target: Item, items: list[Item]) -> None:
+    if target.kind == "list" and target.ok:  # (else the unpickler fails, or an opaque object records them)
+        target.ok = all(i.key for i in items)
 
-    def step(self, op: str, arg: Any) -> None:
-        stack, push = self.stack, self.stack.append
-        if op in SCALARS:
-            if type(arg) is int and arg.bit_length() > MAX_INT_BITS:
-                self.refuse(f"an integer of {arg.bit_length()} bits")
-            push(SCALAR)
-        elif op in STRINGS:
-            push(Item("str", name=arg if isinstance(arg, str) and len(arg) <= MAX_NAME else None))
-        elif op == "MARK":
-            push(MARK)
-        elif op == "EMPTY_LIST":
-            push(Item("list"))
-        elif op == "EMPTY_TUPLE":
-            push(Item("tuple"))
-        elif op in ("EMPTY_DICT",):
-            push(Item("dict"))
-        elif op == "EMPTY_SET":
-            push(Item("set"))
-        elif op in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"):
-            n = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}.get(op)
-            members = self.pop_mark() if n is None else [stack.pop() for _ in range(n)][::-1]
-            ok = all(m.kind in ("scalar", "str", "global") for m in members)
-            push(Item("tuple", ok=ok, members=tuple(members)))
-        elif op == "LIST":
-            push(Item("list", ok=all(map(key_ok, self.pop_mark()))))
-        elif op == "DICT":
-            items = self.pop_mark()
-            for key in items[::2]:
-                self.check_key(key, "dict key")
-            push(Item("dict"))
-        elif op == "APPEND":
-            self.appended(stack[-2], [self.pop()])
-        elif op == "APPENDS":
-            items = self.pop_mark()
-            self.appended(stack[-1], items)
-        elif op == "SETITEM":
-            _value, key = self.pop(), self.pop()
-            self.check_key(key, "dict key")
-        elif op == "SETITEMS":
-            for key in self.pop_mark()[::2]:
-                self.check_key(key, "dict key")
-        elif op in ("ADDITEMS", "FROZENSET"):
-            items = self.pop_mark()
-            for item in items:
-                self.check_key(item, "set item")
-            if op == "FROZENSET":
-                push(Item("frozenset", ok=all(i.kind in ("scalar", "str") for i in items)))
-        elif op == "POP":
-            self.pop()
-        elif op == "POP_MARK":
-            self.pop_mark()
-        elif op == "DUP":
-            push(stack[-1])
-        elif op in ("PUT", "BINPUT", "LONG_BINPUT"):
-            self.memo[arg] = stack[-1]
-        elif op == "MEMOIZE":
-            self.memo[len(self.memo)] = stack[-1]
-        elif op in ("GET", "BINGET", "LONG_BINGET"):
-            if arg not in self.memo:
-                raise ValueError(f"memo key {arg} is not defined")
-            push(self.memo[arg])
-        elif op == "GLOBAL":
-            push(Item("global", name=".".join(str(arg).split(" ", 1))))
-        elif op == "STACK_GLOBAL":
-            name, module = self.pop(), self.pop()
-            known = module.kind == name.kind == "str" and module.name is not None and name.name is not None
-            push(Item("global", name=f"{module.name}.{name.name}" if known else None))
-        elif op in ("EXT1", "EXT2", "EXT4"):
-            push(Item("global"))  # a class the extension registry names: unknown here
-        elif op == "REDUCE":
-            args, callable_ = self.pop(), self.pop()
-            push(self.call(callable_, args.members if args.kind == "tuple" else (args,)))
-        elif op == "NEWOBJ":
-            args, cls = self.pop(), self.pop()
-            push(self.call(cls, args.members if args.kind == "tuple" else (args,)))
-        elif op == "NEWOBJ_EX":
-            _kwargs, args, cls = self.pop(), self.pop(), self.pop()
-            push(self.call(cls, (*(args.members if args.kind == "tuple" else (args,)), _kwargs)))
-        elif op == "OBJ":
-            cls, *args = self.pop_mark()
-            push(self.call(cls, args))
-        elif op == "INST":
-            push(self.call(Item("global", name=".".join(str(arg).split(" ", 1))), self.pop_mark()))
-        elif op == "BUILD":
-            self.pop()
-        elif op == "BINPERSID":
-            self.pop()
-            push(Item("call", ok=False))
-        elif op in ("PERSID", "BYTEARRAY8", "NEXT_BUFFER"):
-            push(Item("call", ok=False))
-        elif op == "STOP":
-            self.pop()
-        elif op not in ("PROTO", "FRAME", "READONLY_BUFFER"):
-            raise ValueError(f"opcode {op}")
+
+def call(callable_: Item, args: list[Item] | tuple[Item, ...]) -> Item:
+    """The result of calling CALLABLE_ with ARGS; a hashing class's arguments are checked."""
+    name = callable_.name if callable_.kind == "global" else None
+    if name is None or name in HASHING:
+        for arg in args:
+            if (arg.kind == "list" and not arg.ok) or (arg.kind == "tuple" and not all(m.key for m in arg.members)):
+                raise Refused(f"{name or 'a class'} given items that are containers or objects")
+    return Item("call", key=name is not None and name not in STRUCTURAL, name=name)
+
+
+def as_args(item: Item) -> tuple[Item, ...]:
+    return item.members if item.kind == "tuple" else (item,)
+
+
+def global_name(arg: Any) -> str:
+    return ".".join(str(arg).split(" ", 1))
+
+
+def put(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    memo[arg] = stack[-1]
+
+
+def get(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    stack.append(memo[arg])
+
+
+def memoize(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    memo[len(memo)] = stack[-1]
+
+
+def integer(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    if type(arg) is int and arg.bit_length() > MAX_INT_BITS:
+        raise Refused(f"an integer of {arg.bit_length()} bits")
+    stack.append(SCALAR)
+
+
+def scalar(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    stack.append(SCALAR)
+
+
+def string(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    stack.append(Item("str", key=True, name=arg if isinstance(arg, str) and len(arg) <= MAX_NAME else None))
+
+
+def new(kind: str, key: bool = False) -> Callable[[Any, list[Item], dict[Any, Item]], None]:
+    return lambda arg, stack, memo: stack.append(Item(kind, key))
+
+
+def tuple_of(n: int | None) -> Callable[[Any, list[Item], dict[Any, Item]], None]:
+    def make(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+        if n is None:
+            members = tuple(pop_mark(stack))
+        else:
+            if len(stack) < n:
+                raise IndexError("stack underflow")
+            members = tuple(stack[len(stack) - n :])
+            del stack[len(stack) - n :]
+        flat = all(m.kind in FLAT for m in members)
+        stack.append(Item("tuple", key=flat, ok=flat, members=members))
+
+    return make
+
+
+def append(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    item = stack.pop()
+    target = stack[-1]
+    if target.ok and not item.key and target.kind == "list":
+        target.ok = False
+
+
+def appends(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    items = pop_mark(stack)
+    appended(stack[-1], items)
+
+
+def list_(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    items = pop_mark(stack)
+    stack.append(Item("list", ok=all(i.key for i in items)))
+
+
+def setitem(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    stack.pop()
+    check_keys((stack.pop(),), "dict key")
+
+
+def setitems(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    check_keys(pop_mark(stack)[::2], "dict key")
+
+
+def dict_(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    check_keys(pop_mark(stack)[::2], "dict key")
+    stack.append(Item("dict"))
+
+
+def additems(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    check_keys(pop_mark(stack), "set item")
+
+
+def frozenset_(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    items = pop_mark(stack)
+    check_keys(items, "set item")
+    stack.append(Item("frozenset", key=all(i.kind in ("scalar", "str") for i in items)))
+
+
+def pop(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    stack.pop()
+
+
+def pop_mark_(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    pop_mark(stack)
+
+
+def dup(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    stack.append(stack[-1])
+
+
+def global_(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    stack.append(Item("global", key=True, name=global_name(arg)))
+
+
+def stack_global(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    name, module = stack.pop(), stack.pop()
+    known = module.kind == name.kind == "str" and module.name is not None and name.name is not None
+    stack.append(Item("global", key=True, name=f"{module.name}.{name.name}" if known else None))
+
+
+def reduce(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:  # and NEWOBJ
+    args, callable_ = stack.pop(), stack.pop()
+    stack.append(call(callable_, as_args(args)))
+
+
+def newobj_ex(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    kwargs, args, cls = stack.pop(), stack.pop(), stack.pop()
+    stack.append(call(cls, (*as_args(args), kwargs)))
+
+
+def obj(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    cls, *rest = pop_mark(stack)
+    stack.append(call(cls, rest))
+
+
+def inst(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    stack.append(call(Item("global", name=global_name(arg)), pop_mark(stack)))
+
+
+def persid(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:  # BINPERSID
+    stack[-1] = Item("call")
+
+
+def nothing(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
+    pass
+
+
+STEPS: dict[str, Callable[[Any, list[Item], dict[Any, Item]], None]] = {
+    **dict.fromkeys(["PUT", "BINPUT", "LONG_BINPUT"], put),
+    **dict.fromkeys(["GET", "BINGET", "LONG_BINGET"], get),
+    "MEMOIZE": memoize,
+    **dict.fromkeys(INTS, integer),
+    **dict.fromkeys(SCALARS, scalar),
+    **dict.fromkeys(STRINGS, string),
+    "MARK": lambda arg, stack, memo: stack.append(MARK),
+    "EMPTY_LIST": new("list"),
+    "EMPTY_DICT": new("dict"),
+    "EMPTY_SET": new("set"),
+    "EMPTY_TUPLE": tuple_of(0),
+    "TUPLE": tuple_of(None),
+    "TUPLE1": tuple_of(1),
+    "TUPLE2": tuple_of(2),
+    "TUPLE3": tuple_of(3),
+    "APPEND": append,
+    "APPENDS": appends,
+    "LIST": list_,
+    "SETITEM": setitem,
+    "SETITEMS": setitems,
+    "DICT": dict_,
+    "ADDITEMS": additems,
+    "FROZENSET": frozenset_,
+    "POP": pop,
+    "POP_MARK": pop_mark_,
+    "DUP": dup,
+    "GLOBAL": global_,
+    "STACK_GLOBAL": stack_global,
+    **dict.fromkeys(["EXT1", "EXT2", "EXT4"], new("global", key=True)),  # a class the registry names
+    "REDUCE": reduce,
+    "NEWOBJ": reduce,
+    "NEWOBJ_EX": newobj_ex,
+    "OBJ": obj,
+    "INST": inst,
+    "BUILD": pop,
+    "BINPERSID": persid,
+    **dict.fromkeys(["PERSID", "BYTEARRAY8", "NEXT_BUFFER"], new("call")),
+    **dict.fromkeys(["PROTO", "FRAME", "READONLY_BUFFER"], nothing),
+}
+# by opcode byte: (the opcode, its step)
+DISPATCH = {code: (op, STEPS.get(op.name, nothing)) for code, op in OPCODES.items()}

@@ -464,10 +464,12 @@ def load_with(unpickler: RestrictedUnpickler) -> Any:
 
 def load_zip(path: str, source: str) -> Checkpoint:
     zf, members = zip_members(path)
-    pickles = [n for n in members if n.endswith("data.pkl") and n.count("/") == 1]
+    pickles = [n for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
         raise FormatError("not a PyTorch checkpoint: no single <top>/data.pkl in the archive", path)
     top = pickles[0][: -len("data.pkl")]
+    if not next(iter(members)).startswith(top):  # torch takes <top> from the first member
+        raise FormatError(f"the archive's first member is not under {top}, where torch looks", path)
     byteorder = members.get(top + "byteorder")
     try:
         if byteorder is not None and read_member(zf, byteorder, path).strip() not in (b"little", b""):

@@ -16,7 +16,7 @@ import struct
 from paramctl.dtypes import SAFETENSORS, TO_SAFETENSORS, itemsize
 from paramctl.errors import FormatError, UsageError
 from paramctl.formats import Format, Probe, dropped_entries, register
-from paramctl.table import Checkpoint, Storage, Tensor
+from paramctl.table import Checkpoint, Storage, Tensor, check_shape
 
 MAX_HEADER = 100_000_000
 
@@ -35,13 +35,26 @@ def read_header(path: str) -> tuple[dict, int]:
             raise FormatError(f"truncated: header of {n} bytes but the file has {size}", path)
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+    except (UnicodeDecodeError, ValueError) as e:  # ValueError: also an integer of over 4300 digits
         raise FormatError(f"invalid safetensors header: {e}", path) from None
+    except RecursionError:
+        raise FormatError("invalid safetensors header: nests too deeply", path) from None
     if not isinstance(header, dict):
         raise FormatError("invalid safetensors header: not a JSON object", path)
     validate(header, size - 8 - n, path)
     return header, 8 + n
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are all different: which of two entries a reader keeps is not
+    something to guess."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"the key {duplicate!r:.100} appears twice")
+    return found
 
 
 def validate(header: dict, buffer_size: int, path: str) -> None:
@@ -59,6 +72,7 @@ def validate(header: dict, buffer_size: int, path: str) -> None:
             raise FormatError(f"tensor {name!r} has unsupported dtype {dtype!r}", path)
         if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
             raise FormatError(f"tensor {name!r} has an invalid shape {shape!r:.200}", path)
+        check_shape(name, tuple(shape), path)
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2

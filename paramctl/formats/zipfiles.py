@@ -21,13 +21,23 @@ def member_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int:
     if len(local) != 30 or local[:4] != b"PK\x03\x04":
         raise zipfile.BadZipFile(f"bad local header for {info.filename}")
     name_len, extra_len = struct.unpack("<HH", local[26:30])
+    if f.read(name_len) != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
+        raise zipfile.BadZipFile(f"member {info.filename}: the local header names another file")
     return info.header_offset + 30 + name_len + extra_len
 
 
 def zip_members(path: str) -> tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]:
+    """The archive and its members by name. Two members of one name are refused: readers
+    disagree on which one counts (torch's reads the first, Python's zipfile the last)."""
     try:
         zf = zipfile.ZipFile(path)
-        return zf, {i.filename: i for i in zf.infolist()}
+        members: dict[str, zipfile.ZipInfo] = {}
+        for info in zf.infolist():
+            if info.filename in members:
+                zf.close()
+                raise FormatError(f"the archive holds two members named {info.filename!r}: ambiguous", path)
+            members[info.filename] = info
+        return zf, members
     except ZIP_ERRORS as e:
         raise FormatError(f"invalid zip archive: {e}", path) from None
 
