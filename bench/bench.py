@@ -202,6 +202,36 @@ def workloads(p: dict[str, Path], tmp: Path) -> list[Workload]:
     ]
 
 
+# TensorFlow checkpoints: paramctl's listing against TensorFlow's own, in TensorFlow's environment
+# (.venv-tf, built by `make test`); the checkpoint is written there by tf.train.Checkpoint, once
+TF_PYTHON = HERE.parent / ".venv-tf" / "bin" / "python"
+TF_LIST = "import sys, tensorflow as tf; print(tf.train.list_variables(sys.argv[1]))"
+TF_WRITE = """
+import sys, tensorflow as tf
+size_mb, prefix, d = int(sys.argv[1]), sys.argv[2], 1024
+shapes = {"wte": (8192, d), "wpe": (8192, d)}
+for i in range(max(1, (size_mb * 2**20 // 4 - 2 * 8192 * d) // (12 * d * d))):
+    shapes.update({f"h{i}_attn_c_attn": (d, 3 * d), f"h{i}_attn_c_proj": (d, d), f"h{i}_mlp_c_fc": (d, 4 * d)})
+    shapes.update({f"h{i}_mlp_c_proj": (4 * d, d), f"h{i}_ln_1_gamma": (d,), f"h{i}_ln_1_beta": (d,)})
+    shapes.update({f"h{i}_attn_c_attn_bias": (3 * d,), f"h{i}_mlp_c_fc_bias": (4 * d,)})
+variables = {name: tf.Variable(tf.random.normal(shape, stddev=0.02)) for name, shape in shapes.items()}
+tf.train.Checkpoint(model=variables).write(prefix)
+"""
+
+
+def tf_workloads(size_mb: int) -> list[Workload]:
+    """`ls` on a TensorFlow checkpoint of about SIZE_MB against tf.train.list_variables (none without .venv-tf)."""
+    if not TF_PYTHON.exists():
+        print("no .venv-tf: skipping the TensorFlow checkpoint workload (make .venv-tf/.installed)")
+        return []
+    prefix = FIXTURES / f"model-{size_mb}mb-tf" / "ckpt"
+    if not Path(f"{prefix}.index").exists():
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+        subprocess.run([str(TF_PYTHON), "-c", TF_WRITE, str(size_mb), str(prefix)], check=True, env=env)
+    anchor = [str(TF_PYTHON), "-c", TF_LIST, str(prefix)]
+    return [Workload("ls TF checkpoint", PARAMCTL + ["ls", str(prefix)], anchor, "tf.list_variables", 0.1)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
@@ -215,7 +245,7 @@ def main() -> None:
     # built in a child: a child forked from a process holding torch tensors would inherit their RSS
     subprocess.run([PYTHON, __file__, "--build-only", "--size-mb", str(args.size_mb)], check=True)
     paths = build_fixtures(args.size_mb)
-    chosen = workloads(paths, FIXTURES)
+    chosen = workloads(paths, FIXTURES) + tf_workloads(args.size_mb)
     if args.only:
         prefixes = tuple(args.only.split(","))
         chosen = [w for w in chosen if w.name.startswith(prefixes)]
