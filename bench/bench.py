@@ -154,6 +154,16 @@ def write_sparse(path: Path, size: int) -> None:
         f.truncate(8 + len(raw) + offset)
 
 
+# cast: the one-liner a user writes with safetensors and ml_dtypes (each tensor whole in memory)
+ML_DTYPES_CAST = """
+import sys, ml_dtypes
+from safetensors import safe_open
+from safetensors.numpy import save_file
+with safe_open(sys.argv[1], "np") as f:
+    save_file({k: f.get_tensor(k).astype(ml_dtypes.bfloat16) for k in f.keys()}, sys.argv[2])
+"""
+
+
 def measure(argv: list[str]) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one run of ARGV, output discarded."""
     start = time.perf_counter()
@@ -198,6 +208,13 @@ def workloads(p: dict[str, Path], tmp: Path) -> list[Workload]:
             "tied --by-value", PARAMCTL + ["tied", st, "--by-value"], [PYTHON, "-c", NUMPY_PASS, st], "numpy pass", 2.0
         ),
         Workload("diff", PARAMCTL + ["diff", st, str(p["edited"])], [PYTHON, "-c", NUMPY_PASS, st], "numpy pass", 2.0),
+        Workload(
+            "cast .safetensors->bf16",
+            PARAMCTL + ["cast", st, "--dtype", "bfloat16", "-o", str(tmp / "ours.bf16.safetensors")],
+            [PYTHON, "-c", ML_DTYPES_CAST, st, str(tmp / "theirs.bf16.safetensors")],
+            "safetensors+ml_dtypes",
+            1.0,
+        ),
         Workload("--help", PARAMCTL + ["--help"], [PYTHON, "-c", "pass"], "python -c pass", 10.0),
     ]
 
