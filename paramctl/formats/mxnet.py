@@ -170,6 +170,8 @@ def _record(cur: _Cursor, label: str) -> _Record:
     if stype and version == "V3":
         raise FormatError(f"{label} is a sparse V3 record, which MXNet refuses in numpy shape semantics", cur.path)
     stored = _wide_shape(cur, f"{label}'s storage") if stype else None
+    if stype and stored is None:
+        raise FormatError(f"{label} is {SPARSE[stype]} (sparse) with an unknown storage shape", cur.path)
     shape = _wide_shape(cur, label)
     if shape is None or (version == "V2" and not shape):
         # nothing follows such a record, and nd.load fails on what it returns
@@ -183,7 +185,7 @@ def _record(cur: _Cursor, label: str) -> _Record:
     # sparse: read past it (storage shape's values, then each aux array) to learn its name
     aux = [(cur.i32(f"{label}'s aux type"), _wide_shape(cur, f"{label}'s aux")) for _ in range(AUX_ARRAYS[stype])]
     if stored is None or any(s is None for _, s in aux):
-        raise FormatError(f"{label} is {SPARSE[stype]} (sparse) with an unknown storage shape", cur.path)
+        raise FormatError(f"{label} is {SPARSE[stype]} (sparse) with an unknown aux shape", cur.path)
     dtype, offset = _data(cur, stored, flag, label)
     for aux_flag, aux_shape in aux:
         _data(cur, aux_shape or (), aux_flag, f"{label}'s aux array")
