@@ -46,9 +46,16 @@ def _debug(ctx: click.Context) -> bool:
 
 @click.group(cls=Paramctl, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show tracebacks (also PARAMCTL_DEBUG=1).")
+@click.option(
+    "--cache",
+    metavar="DIR",
+    envvar="PARAMCTL_CACHE",
+    help="Keep blocks fetched from URLs in DIR for repeat reads (also PARAMCTL_CACHE).",
+)
 @click.version_option(package_name="paramctl")
-def cli(debug: bool) -> None:
-    """Inspect and edit saved model checkpoints: PyTorch, safetensors and Keras HDF5.
+def cli(debug: bool, cache: str | None) -> None:
+    """Inspect and edit saved model checkpoints: PyTorch, safetensors, Keras HDF5, MXNet,
+    TensorFlow, DCP, GGUF, TorchScript; local files or URLs (https://, s3://, any fsspec URL).
 
     \b
     Examples:
@@ -56,6 +63,10 @@ def cli(debug: bool) -> None:
       paramctl tree model.safetensors --depth 2
       paramctl convert model.pt model.safetensors
     """
+    if cache:
+        from paramctl import remote
+
+        remote.cache_dir = cache
     # numpy's floating-point warnings (inf - inf in a sum over an all-Inf tensor) are not the
     # user's business: paramctl counts NaN and Inf itself and reports them as data
     warnings.filterwarnings("ignore", r"(invalid value|overflow|divide by zero|underflow) encountered", RuntimeWarning)

@@ -60,9 +60,9 @@ class Storage:
         if self.buffer is not None:
             return memoryview(self.buffer)[start : start + length]
         assert self.path is not None
-        with open(self.path, "rb") as f:
-            f.seek(self.offset + start)
-            data = f.read(length)
+        from paramctl import remote
+
+        data = remote.read_range(self.path, self.offset + start, length)
         if len(data) != length:
             raise FormatError(f"truncated: tensor data ends at byte {self.offset + start + len(data)}", self.path)
         return data
@@ -181,10 +181,13 @@ class Tensor:
     @property
     def streams(self) -> bool:
         """Whether `chunks` reads the values straight from the file, in bounded memory."""
+        from paramctl.remote import is_url
+
         storage = self.storage
         return (
             self.is_contiguous
             and storage.path is not None
+            and not is_url(storage.path)
             and storage.buffer is None
             and not storage.load
             and not storage.reader

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from paramctl import remote
 from paramctl.atomic import atomic_path
 from paramctl.errors import FormatError, ParamctlError, UsageError
 from paramctl.table import Checkpoint
@@ -43,9 +44,7 @@ class Probe:
     head: bytes
 
     def tail(self, n: int) -> bytes:
-        with open(self.path, "rb") as f:
-            f.seek(max(0, self.size - n))
-            return f.read(n)
+        return remote.read_range(self.path, max(0, self.size - n), n)
 
     @cached_property
     def zip_names(self) -> list[str] | None:
@@ -80,6 +79,7 @@ class Format:
     layout: str = "torch"  # tensor axis order for fans: torch (out, in, *k) or keras (*k, in, out)
     keeps_views: bool = False  # strided views survive a write (else they become contiguous copies)
     writes_files: bool = False
+    remote: bool = False  # readable at a URL, by range requests (its reader opens files through paramctl.remote)
     priority: int = 50  # recognisers are asked in this order (lower first): specific before general
 
 
@@ -128,16 +128,18 @@ def sniff(path: str) -> str:
 
 def _recognise(path: str) -> tuple[Format, str]:
     """The format of PATH and the path its reader opens (a file inside a directory, perhaps)."""
-    if not os.path.isfile(path):
+    if not remote.is_url(path) and not os.path.isfile(path):
         return _recognise_path(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(HEAD_BYTES)
+    size = remote.size(path)
+    head = remote.read_range(path, 0, HEAD_BYTES)
     if not head:
         raise FormatError("empty file", path)
     probe = Probe(path, size, head)
     for fmt in formats():
         if fmt.accept is not None and fmt.accept(probe):
+            if remote.is_url(path) and not fmt.remote:
+                readable = ", ".join(f.name for f in formats() if f.remote)
+                raise FormatError(f"{fmt.description} is not read over a URL ({readable} are): download it first", path)
             return fmt, path
     known = ", ".join(f.description for f in formats() if f.accept is not None)
     raise FormatError(f"not a recognised checkpoint ({known})", path)
@@ -175,8 +177,8 @@ def load(path: str) -> Checkpoint:
             raise e.about(source) from None
         raise
     ckpt.path = target
-    if not ckpt.file_size and os.path.isfile(target):
-        ckpt.file_size = os.path.getsize(target)
+    if not ckpt.file_size and (remote.is_url(target) or os.path.isfile(target)):
+        ckpt.file_size = remote.size(target)
     return ckpt
 
 
@@ -257,7 +259,8 @@ def refuse_overwriting_read_only(ckpt: Checkpoint, path: str, fmt: str) -> None:
     archive named `.pt`, a DCP directory) with one of another format: its code or layout would
     be lost in place."""
     source = FORMATS.get(ckpt.format)
-    if source is None or source.save is not None or path == "-" or not ckpt.path:
+    writes_itself = ckpt.format == "sharded"  # a sharded set is written back as shards (see save)
+    if source is None or source.save is not None or writes_itself or path == "-" or not ckpt.path:
         return
     same = False
     with contextlib.suppress(OSError):

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from paramctl.dtypes import ITEMSIZE, from_numpy, itemsize
 from paramctl.errors import FormatError, UsageError
-from paramctl.formats import Format, Probe, dropped_entries, register
 from paramctl.forked import in_child
+from paramctl.formats import Format, Probe, dropped_entries, register
 from paramctl.table import Checkpoint, Storage, Tensor, check_shape, flat_blocks
 
 if TYPE_CHECKING:

@@ -17,8 +17,7 @@ from typing import IO
 
 from paramctl.atomic import unnamed_temp
 from paramctl.errors import FormatError, UsageError
-from paramctl.formats import hdf5
-from paramctl.formats import Format, dropped_entries, register
+from paramctl.formats import Format, dropped_entries, hdf5, register
 from paramctl.formats.zipfiles import ZIP_ERRORS, member_storage, read_member, zip_members
 from paramctl.table import Checkpoint
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from paramctl import remote
 from paramctl.dtypes import TORCH_STORAGES, itemsize, torch_dtype
 from paramctl.errors import FormatError, UnsafeContentError, UsageError
 from paramctl.formats import Format, Probe, dropped_entries, register
@@ -636,8 +637,8 @@ def load_legacy(path: str, source: str) -> Checkpoint:
     """The pre-1.6 format, read without torch: a magic-number pickle, a protocol pickle, a
     sys-info pickle, the object pickle (6-field storage ids), a pickled list of storage keys,
     then per key an int64 element count and the raw bytes."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as raw:
+    size = remote.size(path)
+    with remote.open_path(path) as raw:
         f = BoundedReader(raw, size)
         if unpickle(f, None, path) != LEGACY_MAGIC or unpickle(f, None, path) != LEGACY_PROTOCOL:
             raise FormatError("not a PyTorch checkpoint: a pickle without torch's magic number", path)
@@ -1018,8 +1019,7 @@ def _describe(node: Any) -> str:
 
 def load(path: str, source: str) -> Checkpoint:
     """A `torch.save` file: the zip format (torch >= 1.6) or the legacy pickle stream."""
-    with open(path, "rb") as f:
-        zipped = f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
+    zipped = remote.read_range(path, 0, 4) in (b"PK\x03\x04", b"PK\x05\x06")
     return load_zip(path, source) if zipped else load_legacy(path, source)
 
 
@@ -1053,5 +1053,6 @@ register(
         losses=_losses,
         entries=non_tensor_entries,
         keeps_views=True,
+        remote=True,
     )
 )

@@ -10,12 +10,13 @@ The copy kept is the one transformers keeps (see ties.stored_name), and a file w
 from __future__ import annotations
 
 import json
-import os
 import struct
 
+from paramctl import remote
 from paramctl.dtypes import SAFETENSORS, TO_SAFETENSORS, itemsize
 from paramctl.errors import FormatError, UsageError
 from paramctl.formats import Format, Probe, dropped_entries, register
+from paramctl.remote import open_path
 from paramctl.table import Checkpoint, Storage, Tensor, check_shape
 
 MAX_HEADER = 100_000_000
@@ -23,8 +24,8 @@ MAX_HEADER = 100_000_000
 
 def read_header(path: str) -> tuple[dict, int]:
     """The parsed, validated header of the file at PATH and the file offset of its data buffer."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    size = remote.size(path)
+    with open_path(path) as f:
         prefix = f.read(8)
         if len(prefix) < 8:
             raise FormatError("not a safetensors file: shorter than its 8-byte header length", path)
@@ -183,6 +184,7 @@ register(
         extensions=(".safetensors",),
         accept=_accept,
         losses=lambda ckpt, sharded: dropped_entries(ckpt, "safetensors"),
+        remote=True,
         priority=40,  # before the legacy .pt's test: a header length may start with 0x80
     )
 )

@@ -22,6 +22,7 @@ import shutil
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from paramctl import remote
 from paramctl.errors import FormatError, UsageError
 from paramctl.formats import Format, Probe, register
 from paramctl.table import Checkpoint, Tensor
@@ -78,7 +79,7 @@ def index_file(path: str) -> str:
 def read_index(path: str) -> tuple[dict[str, str], dict[str, Any]]:
     """The validated weight_map of the index at PATH, and its metadata."""
     try:
-        with open(path, "rb") as f:
+        with remote.open_path(path) as f:
             index = json.loads(f.read().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"invalid index JSON: {e}", path) from None
@@ -109,13 +110,24 @@ def load(path: str, source: str) -> Checkpoint:
     shards: list[Shard] = []
     tensors: list[Tensor] = []
     owner: dict[str, str] = {}
-    for file in sorted(set(weight_map.values()), key=shard_order):
+    files = sorted(set(weight_map.values()), key=shard_order)
+
+    def load_shard(file: str) -> Checkpoint:
         shard_path = os.path.join(base, file)
-        if not os.path.isfile(shard_path):
+        if not remote.is_file(shard_path):
             raise FormatError(f"shard {file!r} named in the index is missing", index)
         if sniff(shard_path) not in ("safetensors", "pt"):
             raise FormatError(f"shard {file!r} is neither safetensors nor a PyTorch file", index)
-        ckpt = load_file(shard_path)
+        return load_file(shard_path)
+
+    if remote.is_url(index):  # each shard's header is a round trip or two: fetch them side by side
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8) as pool:
+            loaded = list(pool.map(load_shard, files))
+    else:
+        loaded = [load_shard(file) for file in files]
+    for file, ckpt in zip(files, loaded):
         for t in ckpt.tensors:
             if t.name in owner:
                 raise FormatError(f"tensor {t.name!r} is in both {owner[t.name]!r} and {file!r}", index)
@@ -293,21 +305,39 @@ def save(ckpt: Checkpoint, target: str, fmt: str, shard_size: int | None = None)
         os.makedirs(target, exist_ok=True)
         name = weights_name(ckpt, fmt)
         save_file(ckpt, os.path.join(target, name), fmt)
-        if source is not None and os.path.realpath(os.path.dirname(source.index)) == os.path.realpath(target):
-            for file in [*(shard.file for shard in source.shards), os.path.basename(source.index)]:
-                if file != name:
-                    with contextlib.suppress(OSError):  # in place: the shards are one file now
-                        os.unlink(os.path.join(target, file))
+        remove_previous(target, name, {name})
         copy_companions(ckpt, target)
         return
     if fmt not in SHARD_FORMATS:
         raise UsageError(f"shards are safetensors or .bin files, not {fmt}")
     index = index_path(target, fmt, ckpt)
-    write_shards(ckpt, index, fmt, shard_size)
+    written = write_shards(ckpt, index, fmt, shard_size)
+    if into_directory(target):
+        remove_previous(target, os.path.basename(index).removesuffix(INDEX_SUFFIX), written)
     copy_companions(ckpt, os.path.dirname(os.path.abspath(index)))
 
 
-def write_shards(ckpt: Checkpoint, index: str, fmt: str, shard_size: int | None) -> None:
+def remove_previous(directory: str, name: str, written: set[str]) -> None:
+    """Remove from DIRECTORY what an earlier checkpoint under the weights name NAME left there and
+    WRITTEN does not name: its single file, index and numbered shards, as save_pretrained clears
+    stale shards (a loader would read a stale `model.safetensors` before a new index); say which."""
+    from paramctl import output
+
+    stem, ext = os.path.splitext(name)
+    shard = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}" + re.escape(ext))
+    removed = []
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        previous = entry.name in (name, name + INDEX_SUFFIX) or shard.fullmatch(entry.name)
+        if previous and entry.name not in written and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+    if removed:
+        output.note(f"removed {', '.join(removed)} from {directory}: the checkpoint written there replaces them")
+
+
+def write_shards(ckpt: Checkpoint, index: str, fmt: str, shard_size: int | None) -> set[str]:
+    """Write the shards and the index; the names of the files they are (relative to the index)."""
     from paramctl.formats import atomic_path
 
     directory = os.path.dirname(os.path.abspath(index))
@@ -347,6 +377,7 @@ def write_shards(ckpt: Checkpoint, index: str, fmt: str, shard_size: int | None)
             if shard.file not in weight_map.values():
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(directory, shard.file))
+    return {*weight_map.values(), os.path.basename(index)}
 
 
 # what a source directory holds that is not copied beside written weights: checkpoints of any kind
@@ -473,6 +504,7 @@ register(
         accept=_accept,
         accept_path=_accept_path,
         keeps_views=False,
+        remote=True,
         priority=60,
     )
 )

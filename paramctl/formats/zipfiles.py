@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
-import os
 import struct
 import zipfile
 from typing import BinaryIO
 
+from paramctl import remote
 from paramctl.errors import FormatError
+from paramctl.remote import open_path
 from paramctl.table import Storage
 
 ZIP_ERRORS = (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError)
@@ -30,7 +31,7 @@ def zip_members(path: str) -> tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]
     """The archive and its members by name. Two members of one name are refused: readers
     disagree on which one counts (torch's reads the first, Python's zipfile the last)."""
     try:
-        zf = zipfile.ZipFile(path)
+        zf = zipfile.ZipFile(open_path(path))
         members: dict[str, zipfile.ZipInfo] = {}
         for info in zf.infolist():
             if info.filename in members:
@@ -45,7 +46,7 @@ def zip_members(path: str) -> tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]
 def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> bytes:
     """A member's bytes, refused when the sizes its header claims exceed the archive (zipfile
     would allocate them first)."""
-    archive = os.path.getsize(path)
+    archive = remote.size(path)
     if info.compress_size > archive or info.file_size > max(archive, 1) * 1032:  # deflate tops out near 1032:1
         raise FormatError(f"zip member {info.filename} claims {info.file_size} bytes", path)
     try:
@@ -57,7 +58,7 @@ def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> bytes:
 def member_storage(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> Storage:
     """A storage over a zip member: a file region when stored, else decompressed on first read."""
     if info.compress_type == zipfile.ZIP_STORED:
-        with open(path, "rb") as f:
+        with open_path(path) as f:
             offset = member_offset(f, info)
         return Storage(info.file_size, path=path, offset=offset)
     return Storage(info.file_size, path=path, load=functools.partial(read_member, zf, info, path))
