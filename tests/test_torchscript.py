@@ -1,0 +1,190 @@
+"""TorchScript archives from torch.jit.script and torch.jit.trace: rows and values are
+`torch.jit.load(f).state_dict()`'s, read without running or importing the archive's code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run
+from safetensors.torch import load_file, load_model
+
+import paramctl
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
+
+
+class ConvBN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class Block(torch.nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.lin = torch.nn.Linear(n, n)
+        self.register_buffer("mask", torch.ones(n))
+        self.plain = torch.zeros(2)  # a tensor attribute: neither parameter nor buffer, not in state_dict
+
+    def forward(self, x):
+        return self.lin(x) * self.mask + self.plain.sum()
+
+
+class Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(6, 4)
+        self.blocks = torch.nn.ModuleList([Block(4), Block(4)])
+        self.head = torch.nn.Linear(4, 6, bias=False)
+        self.head.weight = self.emb.weight
+        self.frozen = torch.nn.Parameter(torch.full((2,), 0.5), requires_grad=False)
+        self.register_buffer("scale", torch.tensor(2.0))
+
+    def forward(self, x):
+        h = self.emb(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h) * self.scale + self.frozen.sum()
+
+
+def models() -> dict[str, tuple[torch.nn.Module, torch.jit.ScriptModule]]:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(5, 3)
+    convbn = ConvBN()
+    convbn(torch.randn(2, 2, 6, 6))  # running statistics move away from their defaults
+    convbn.eval()
+    tied = Tied()
+    return {
+        "linear_scripted": (linear, torch.jit.script(linear)),
+        "linear_traced": (linear, torch.jit.trace(linear, torch.randn(1, 5))),
+        "convbn_scripted": (convbn, torch.jit.script(convbn)),
+        "convbn_traced": (convbn, torch.jit.trace(convbn, torch.randn(1, 2, 6, 6))),
+        "tied_scripted": (tied, torch.jit.script(tied)),
+        "tied_traced": (tied, torch.jit.trace(tied, torch.tensor([[1, 2, 3]]))),
+    }
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
+    root = tmp_path_factory.mktemp("torchscript")
+    out = {}
+    for name, (eager, scripted) in models().items():
+        path = root / f"{name}.pt"
+        scripted.save(str(path))
+        out[name] = (path, eager)
+    return out
+
+
+def test_rows_and_values_are_the_loaded_state_dict(archives):
+    for name, (path, _eager) in archives.items():
+        expected = torch.jit.load(str(path)).state_dict()
+        result = run("ls", str(path), "-f", "json")
+        assert result.exit_code == 0, result.stderr
+        rows = json.loads(result.stdout)
+        assert [r["name"] for r in rows] == list(expected), name
+        ckpt = paramctl.load(str(path))
+        assert ckpt.format == "torchscript"
+        for t in ckpt:
+            want = expected[t.name]
+            assert list(t.shape) == list(want.shape) and t.dtype == str(want.dtype).removeprefix("torch."), t.name
+            assert np.array_equal(t.array(), want.numpy()), (name, t.name)
+
+
+def test_a_tied_parameter_is_one_tensor(archives):
+    for name in ("tied_scripted", "tied_traced"):
+        result = run("tied", str(archives[name][0]))
+        assert result.exit_code == 0
+        assert result.stdout == "emb.weight = head.weight\tshared\n"
+
+
+def test_parameters_buffers_and_plain_attributes(archives):
+    ckpt = paramctl.load(str(archives["tied_scripted"][0]))
+    kinds = {t.name: t.attrs["parameter"] for t in ckpt}
+    assert kinds["frozen"] is True and kinds["scale"] is False and kinds["blocks.0.mask"] is False
+    assert not any("plain" in name for name in kinds)
+    assert list(kinds)[:2] == ["frozen", "scale"]  # a module's parameters, then its buffers, then submodules'
+
+
+def test_convert_to_safetensors_and_pt_load_strictly_into_the_eager_model(archives, tmp_path):
+    for name, (path, eager) in archives.items():
+        fresh = type(eager)() if not isinstance(eager, torch.nn.Linear) else torch.nn.Linear(5, 3)
+        out = tmp_path / f"{name}.safetensors"
+        result = run("convert", str(path), str(out))
+        assert result.exit_code == 0, result.stderr
+        if name.startswith("tied"):
+            missing, unexpected = load_model(fresh, str(out), strict=True)
+            assert not missing and not unexpected
+        else:
+            fresh.load_state_dict(load_file(out), strict=True)
+        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), eager.state_dict().values()))
+        pt = tmp_path / f"{name}.pth"
+        assert run("convert", str(path), str(pt)).exit_code == 0
+        again = type(fresh)() if not isinstance(eager, torch.nn.Linear) else torch.nn.Linear(5, 3)
+        again.load_state_dict(torch.load(pt, weights_only=True), strict=True)
+        assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), eager.state_dict().values()))
+
+
+def test_stats_check_and_diff(archives, tmp_path):
+    path = archives["convbn_scripted"][0]
+    assert run("check", str(path)).exit_code == 0
+    assert run("stats", str(path)).exit_code == 0
+    pt = tmp_path / "convbn.pt"
+    assert run("convert", str(path), str(pt)).exit_code == 0
+    result = run("diff", str(path), str(pt))
+    assert result.exit_code == 0 and "different" not in result.stdout
+    model = torch.jit.load(str(path))
+    with torch.no_grad():
+        model.bn.running_var[1] = float("nan")
+    bad = tmp_path / "nan.pt"
+    model.save(str(bad))
+    result = run("check", str(bad))
+    assert result.exit_code == 1 and "bn.running_var" in result.stdout + result.stderr
+
+
+def test_an_archive_is_read_only(archives, tmp_path):
+    copy = tmp_path / "copy.pt"
+    shutil.copy(archives["linear_scripted"][0], copy)
+    before = copy.read_bytes()
+    result = run("rename", str(copy), "s/weight/w/", "--in-place")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"paramctl: error: {copy}: TorchScript archive (torch.jit.save) is read-only in paramctl: "
+        "convert to .pt or safetensors\n"
+    )
+    assert copy.read_bytes() == before
+    assert run("convert", str(copy), str(tmp_path / "x.pt"), "--to", "torchscript").exit_code == 2
+
+
+def rewritten(source: Path, target: Path, replace: dict[str, bytes]) -> Path:
+    """SOURCE's archive with some members' bytes replaced."""
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, replace.get(info.filename.split("/", 1)[1], zin.read(info)))
+    return target
+
+
+def test_the_code_is_never_run(archives, tmp_path):
+    marker = tmp_path / "ran"
+    payload = b"\x80\x02cposix\nsystem\nq\x00X" + len(f"touch {marker}").to_bytes(4, "little")
+    payload += f"touch {marker}".encode() + b"\x85R."
+    bad = rewritten(archives["linear_scripted"][0], tmp_path / "bad.pt", {"data.pkl": payload})
+    result = run("ls", str(bad))
+    assert result.exit_code == 2 and "pickle global posix.system is not allowed" in result.stderr
+    assert not marker.exists()
+    # a module class whose definition is missing from code/: refused, not guessed
+    path = archives["linear_scripted"][0]
+    with zipfile.ZipFile(path) as z:
+        code = [n.split("/", 1)[1] for n in z.namelist() if n.endswith("linear.py")]
+    gone = rewritten(path, tmp_path / "gone.pt", dict.fromkeys(code, b"# nothing here\n"))
+    result = run("check", str(gone))
+    assert result.exit_code == 2 and "is not defined in the archive's code/" in result.stderr
