@@ -878,3 +878,141 @@ def reinitialize(ckpt: Checkpoint, steps: list[Step], seed: int) -> None:
     for step in steps:
         if step.init is not None:
             ckpt.assign(step.tensor, draw(step, seed))
+
+
+# --- new shapes (deferred initialization on files) ---------------------------------------------------
+
+# a grown vocabulary's new rows, as transformers' resize_token_embeddings draws them: a normal with
+# the old rows' mean and this fraction of their covariance (in effect the mean, slightly jittered)
+EMBEDDING_COVARIANCE_SCALE = 1e-9
+
+
+@dataclass
+class Resize:
+    """One tensor (a tie group is one) given a new shape; its old values kept for --keep."""
+
+    tensor: Tensor
+    old_shape: tuple[int, ...]
+    new_shape: tuple[int, ...]
+    role: str
+    old: np.ndarray | None = None
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """`15,4` (or `15x4`, `[15, 4]`) as a shape."""
+    parts = [p for p in re.split(r"[,x\s]+", text.strip().strip("[]()")) if p]
+    if not parts or not all(p.isdecimal() for p in parts):
+        raise UsageError(f"invalid shape {text!r}: expected sizes separated by commas, such as 15,4")
+    return tuple(int(p) for p in parts)
+
+
+def resized_shape(shape: tuple[int, ...], role: str, layout: str, out: int | None, in_: int | None) -> tuple[int, ...]:
+    """SHAPE with its output axis set to OUT and its input axis to IN_: PyTorch `(out, in, *k)`,
+    Keras `(*k, in, out)`; a 1-D tensor (bias, norm scale, running mean) has only an output axis;
+    an embedding's output axis is its rows (the vocabulary) in either layout."""
+    new = list(shape)
+    if not shape:
+        return shape
+    if len(shape) == 1 or role == "embedding":
+        out_axis, in_axis = 0, (1 if len(shape) > 1 else None)
+    elif layout == "torch":
+        out_axis, in_axis = 0, 1
+    else:
+        out_axis, in_axis = len(shape) - 1, len(shape) - 2
+    if out is not None:
+        new[out_axis] = out
+    if in_ is not None and in_axis is not None:
+        new[in_axis] = in_
+    return tuple(new)
+
+
+def plan_resizes(
+    ckpt: Checkpoint,
+    tensors: list[Tensor],
+    layout: str,
+    shape: tuple[int, ...] | None,
+    out: int | None,
+    in_: int | None,
+) -> list[Resize]:
+    """The new shape of each of TENSORS (a tie group once; integer tensors never change)."""
+    roles = Roles(ckpt, layout)
+    resizes, seen = [], set()
+    for t in tensors:
+        key = t.view_key()
+        if key in seen:
+            continue
+        seen.add(key)
+        role = roles.role(t)
+        if role in KEPT_ROLES:
+            continue
+        new = shape if shape is not None else resized_shape(t.shape, role, layout, out, in_)
+        if new != t.shape:
+            resizes.append(Resize(t, t.shape, new, role))
+    if not resizes:
+        raise UsageError("no selected tensor changes shape", ckpt.source)
+    return resizes
+
+
+def apply_resizes(ckpt: Checkpoint, resizes: list[Resize], keep: bool) -> None:
+    """Give each resized tensor, under every name of its tie, a zeroed storage of its new shape
+    (the values are drawn next); with KEEP, hold on to the old values first."""
+    import numpy as np
+
+    from paramctl.dtypes import itemsize
+    from paramctl.table import Storage
+
+    for r in resizes:
+        key = r.tensor.view_key()
+        if keep:
+            r.old = np.array(r.tensor.array())
+        nbytes = math.prod(r.new_shape) * itemsize(r.tensor.dtype)
+        storage = Storage(nbytes, buffer=bytearray(nbytes))
+        for t in ckpt.tensors:
+            if t is r.tensor or (t.tie is not None and t.view_key() == key):
+                t.shape, t.storage, t.offset, t.stride = r.new_shape, storage, 0, None
+    ckpt.link_ties()
+
+
+def keep_old_values(ckpt: Checkpoint, resizes: list[Resize], seed: int) -> list[str]:
+    """Put each resized tensor's old values back where the shapes overlap. The rows a vocabulary
+    (an embedding, or an output layer named lm_head) gains along its first axis are drawn as
+    transformers' resize_token_embeddings draws them, from the old rows' mean and covariance."""
+    import numpy as np
+
+    notes = []
+    for r in resizes:
+        assert r.old is not None
+        values = r.tensor.array().astype(np.float64)
+        block = tuple(slice(0, min(a, b)) for a, b in zip(r.old_shape, r.new_shape))
+        if len(r.old_shape) == len(r.new_shape):
+            values[block] = r.old[block]
+        grown = len(r.old_shape) == len(r.new_shape) == 2 and r.new_shape[0] > r.old_shape[0]
+        vocabulary = r.role == "embedding" or "lm_head" in r.tensor.name
+        if grown and vocabulary and r.old_shape[1] == r.new_shape[1] and r.old_shape[0] > 0:
+            added = r.new_shape[0] - r.old_shape[0]
+            values[r.old_shape[0] :] = mean_covariance_rows(r.old, added, tensor_seed(seed, r.tensor.name))
+            notes.append(f"{r.tensor.name}: {added} new rows from the old rows' mean and covariance")
+        ckpt.assign(r.tensor, values)
+    return notes
+
+
+def mean_covariance_rows(old: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """COUNT rows drawn as transformers' `_init_added_embeddings_weights_with_mean` draws them:
+    a multivariate normal with the old rows' mean and 1e-9 times their covariance, or the mean
+    itself when that covariance is not positive definite."""
+    import numpy as np
+    import torch
+
+    rows = torch.from_numpy(np.asarray(old, dtype=np.float32))
+    mean = rows.mean(dim=0)
+    centered = rows - mean
+    covariance = centered.T @ centered / rows.shape[0]
+    scaled = EMBEDDING_COVARIANCE_SCALE * covariance
+    try:
+        torch.linalg.cholesky(scaled.double())
+    except RuntimeError:  # not positive definite (fewer rows than columns, constant columns)
+        return mean[None, :].repeat(count, 1).numpy()
+    distribution = torch.distributions.MultivariateNormal(mean, covariance_matrix=scaled)
+    with torch.random.fork_rng():  # MultivariateNormal.sample takes no generator
+        torch.manual_seed(seed)
+        return distribution.sample((count,)).numpy()

@@ -96,7 +96,7 @@ def torch_states(ckpt: Checkpoint) -> list[OptimizerState]:
         state, groups = node.get("state"), node.get("param_groups")
         if not isinstance(state, dict) or not isinstance(groups, list):
             continue
-        params: list[list[int]] = [g.get("params") if isinstance(g, dict) else None for g in groups]
+        params: list[Any] = [g.get("params") if isinstance(g, dict) else None for g in groups]
         if not all(isinstance(p, list) and all(type(i) is int for i in p) for p in params):
             continue
         slots = []
@@ -389,9 +389,11 @@ def reset(ckpt: Checkpoint, states: list[OptimizerState], edited: list[Tensor]) 
                 continue
             if id(param) not in ids and (param.tie is None or param.tie not in ties):
                 continue
+            resized = any(t.shape and t.shape != param.shape for t in slot.tensors.values())
             for t in slot.tensors.values():
-                zero(ckpt, t, param.shape if t.shape and t.name != "step" else t.shape)
-            notes.append(f"{opt.label}: state of {slot.name} (index {slot.index}) reset: moments 0, step 0")
+                zero(ckpt, t, param.shape if t.shape else t.shape)  # moments follow the parameter; a step is 0-d
+            shape = f" at {list(param.shape)}" if resized else ""
+            notes.append(f"{opt.label}: state of {slot.name} (index {slot.index}) reset: moments 0{shape}, step 0")
     return notes
 
 

@@ -16,7 +16,7 @@ from paramctl.cli import (
     write_options,
 )
 from paramctl.errors import UsageError
-from paramctl.init import LAYOUTS, Step, known_initializers
+from paramctl.init import LAYOUTS, Resize, Step, known_initializers
 from paramctl.table import Checkpoint, Tensor
 
 
@@ -33,6 +33,14 @@ from paramctl.table import Checkpoint, Tensor
 )
 @click.option("--seed", type=int, metavar="N", help="Draw each tensor from a generator seeded by (N, its name).")
 @click.option("--layout", type=click.Choice(LAYOUTS), help="Whose fans: torch (out, in, *k) or keras (*k, in, out).")
+@click.option("--shape", "new_shape", metavar="N,M,...", help="Give each selected tensor this new shape.")
+@click.option(
+    "--out", "out_size", type=click.IntRange(min=0), metavar="N", help="Set the output size of the selected layer(s)."
+)
+@click.option(
+    "--in", "in_size", type=click.IntRange(min=0), metavar="N", help="Set the input size of the selected layer(s)."
+)
+@click.option("--keep", is_flag=True, help="With a new shape: keep the old values where the shapes overlap.")
 @click.option("--dry-run", is_flag=True, help="Print the plan only; write nothing.")
 @keep_optimizer_option
 @write_options
@@ -43,6 +51,10 @@ def reinit_command(
     spec: str,
     seed: int | None,
     layout: str | None,
+    new_shape: str | None,
+    out_size: int | None,
+    in_size: int | None,
+    keep: bool,
     dry_run: bool,
     keep_optimizer: bool,
     output_path: str | None,
@@ -66,12 +78,22 @@ def reinit_command(
     A custom initializer is called as FUNC(tensor, name=, generator=, fan_in=, fan_out=) and
     fills the float32 tensor in place or returns one of the same shape.
 
+    New shapes: --shape gives each selected tensor SHAPE; --out N (--in N) sets the output
+    (input) size of the selected layer, so that its weight, bias and norm vectors change
+    together: PyTorch (out, in, *k), Keras (*k, in, out), an embedding's rows are its output.
+    Values are drawn with the fans of the new shape (what SPEC cannot take gets its role's
+    default: biases 0, norm scales 1); --keep keeps the old values where the shapes overlap, and
+    the rows a vocabulary gains (an embedding or lm_head) come from the old rows' mean and
+    covariance, as transformers' resize_token_embeddings draws them. Ties resize together.
+
     \b
     Example:
       paramctl reinit mlp.pt --init xavier --seed 0 -o fresh.pt
       paramctl reinit mlp.pt '^2\\.weight$' --init 'constant(42)' --in-place
       cat mlp.pt | paramctl reinit --init 'normal(std=0.01)' > fresh.pt
       paramctl reinit mlp.pt --init examples/strange_init.py:strange --dry-run
+      paramctl reinit bert.safetensors '^classifier\\.' --out 7 --init 'normal(std=0.02)' -o bert7.safetensors
+      paramctl reinit gpt2.safetensors 'wte' --out 50262 --keep --init 'normal(std=0.02)' -o grown.safetensors
     """
     import secrets
 
@@ -87,7 +109,11 @@ def reinit_command(
     random_seed = seed is None
     if seed is None:
         seed = secrets.randbits(32)
-    steps = plan(table, initializer, tensors, layout, by_pattern=pattern is not None)
+    from paramctl import optimizer
+
+    states = [] if keep_optimizer else optimizer.find(table)  # mapped while the shapes are the old ones
+    resizes = new_shapes(table, tensors, layout, new_shape, out_size, in_size, keep)
+    steps = plan(table, initializer, tensors, layout, by_pattern=pattern is not None and not resizes)
     changing = [s for s in steps if s.init is not None]
     heading = f"{table.source}: re-initializing {len(changing)} of {len(steps)} tensors, layout {layout}, seed {seed}"
     output.note(heading + (f" (random: --seed {seed} repeats it)" if random_seed else ""))
@@ -95,15 +121,49 @@ def reinit_command(
         output.note("  " + line)
     if not changing:
         raise UsageError("nothing selected can be re-initialized", table.source)
+    resized = {id(r.tensor) for r in resizes}
+    undrawn = [s.tensor.name for s in steps if s.init is None and id(s.tensor) in resized]
+    if undrawn:
+        raise UsageError(f"{initializer.label} cannot fill the new shape of {', '.join(undrawn)}", table.source)
     if dry_run:
         return
-    from paramctl import optimizer
-
-    states = [] if keep_optimizer else optimizer.find(table)
     reinitialize(table, steps, seed)
+    if keep:
+        from paramctl.init import keep_old_values
+
+        for line in keep_old_values(table, resizes, seed):
+            output.note(line)
     for line in optimizer.reset(table, states, [s.tensor for s in changing]):
         output.note(line)
     write_checkpoint(table, target, to)
+
+
+def new_shapes(
+    table: Checkpoint,
+    tensors: list[Tensor],
+    layout: str,
+    shape: str | None,
+    out: int | None,
+    in_: int | None,
+    keep: bool,
+) -> list[Resize]:
+    """Give the selected tensors their new shapes (zeroed, to be drawn), said on stderr."""
+    from paramctl.init import apply_resizes, parse_shape, plan_resizes
+
+    if shape is not None and (out is not None or in_ is not None):
+        raise UsageError("use either --shape or --out/--in")
+    if shape is None and out is None and in_ is None:
+        if keep:
+            raise UsageError("--keep keeps old values under a new shape: give --shape, --out or --in")
+        return []
+    resizes = plan_resizes(table, tensors, layout, parse_shape(shape) if shape else None, out, in_)
+    for r in resizes:
+        tied = [t.name for t in table if t is not r.tensor and t.tie is not None and t.tie == r.tensor.tie]
+        also = f" (with {', '.join(tied)})" if tied else ""
+        old, new = output.shape_text(r.old_shape), output.shape_text(r.new_shape)
+        output.note(f"{r.tensor.name}{also}: {old} -> {new}" + (", old values kept where they overlap" if keep else ""))
+    apply_resizes(table, resizes, keep)
+    return resizes
 
 
 def plan_lines(table: Checkpoint, steps: list[Step]) -> list[str]:
