@@ -234,3 +234,22 @@ def test_table_is_not_cut_at_80_columns_when_piped(tmp_path):
     row = proc.stdout.splitlines()[2]
     assert row.split() == [long_name, "[3,", "4]", "float32", "12", "48", "B"]
     assert load_file(str(path))[long_name].shape == (3, 4)
+
+
+def test_a_bare_tensor_pt_is_written_back_as_a_bare_tensor(tmp_path):
+    import torch
+
+    src = tmp_path / "bare.pt"
+    torch.save(torch.arange(5, dtype=torch.float32), src)
+    for args, want in [
+        (["set", str(src), "tensor[0]", "7"], [7, 1, 2, 3, 4]),
+        (["reinit", str(src), "--init", "zeros"], [0, 0, 0, 0, 0]),
+        (["cast", str(src), "--dtype", "float16"], [0, 1, 2, 3, 4]),
+        (["convert", str(src)], [0, 1, 2, 3, 4]),
+    ]:
+        out = tmp_path / f"{args[0]}.pt"
+        result = run(*args, str(out)) if args[0] == "convert" else run(*args, "-o", str(out))
+        assert result.exit_code == 0, result.stderr
+        loaded = torch.load(out, weights_only=True)
+        assert isinstance(loaded, torch.Tensor)
+        assert loaded.tolist() == want

@@ -799,8 +799,10 @@ def arrange(tree: Any, rows: list[Tensor]) -> Any:
     into the deepest dict whose path begins its name. The entry of a row that has left the table
     is deleted. Containers are copies: TREE itself is left as it was.
     """
-    if isinstance(tree, Tensor) and not (len(rows) == 1 and rows[0].name == "tensor"):
-        return collections.OrderedDict((t.name, t) for t in rows)  # a bare tensor no longer: a state_dict
+    if isinstance(tree, Tensor):  # torch.save(tensor): still one row named `tensor`, or a state_dict now
+        if len(rows) == 1 and rows[0].name == "tensor":
+            return rows[0]
+        return collections.OrderedDict((t.name, t) for t in rows)
     arrangement = _Arrangement(rows)
     out = arrangement.rebuild(tree, ())
     if out is _GONE:
