@@ -42,7 +42,16 @@ STATS_COLUMNS = [
 @cli.command("stats")
 @checkpoint_argument
 @pattern_options
+@click.argument("more", nargs=-1, metavar="[CKPT...]")
 @click.option("--hist", is_flag=True, help="Add a 16-bin histogram over [min, max] (a sparkline on a terminal).")
+@click.option(
+    "--plot",
+    metavar="FILE",
+    help="Also draw the tensors into FILE (.png, .svg, .html): histograms and norm/std by layer; lines with --trend.",
+)
+@click.option(
+    "--trend", is_flag=True, help="Follow tensors across checkpoints: stats --trend run/checkpoint-*/ [PATTERN]."
+)
 @click.option(
     "--optimizer",
     "by_param",
@@ -51,7 +60,15 @@ STATS_COLUMNS = [
 )
 @output_options
 def stats_command(
-    ckpt: str, pattern: str | None, exclude: tuple[str, ...], hist: bool, by_param: bool, fmt: str | None
+    ckpt: str,
+    pattern: str | None,
+    exclude: tuple[str, ...],
+    more: tuple[str, ...],
+    hist: bool,
+    plot: str | None,
+    trend: bool,
+    by_param: bool,
+    fmt: str | None,
 ) -> None:
     """Statistics per tensor over its finite values, streamed in bounded memory.
 
@@ -62,11 +79,21 @@ def stats_command(
     Example:
       paramctl stats model.safetensors 'weight$' --hist
       paramctl stats run.ckpt --optimizer
+      paramctl stats model.safetensors --plot params.png
+      paramctl stats run/checkpoint-*/ 'attn.c_attn.weight' --trend --plot trend.png
+
+    With --trend: every argument that is an existing path is a checkpoint, in the order of the
+    numbers in their paths (checkpoint-200 before checkpoint-1000); a last one that is not is the
+    PATTERN. Rows per tensor per checkpoint: step, mean, std, absmax, norm, and rel_change, how far
+    it moved since the previous checkpoint (||x - prev|| / ||prev||).
 
     With --optimizer: per parameter of each optimizer, its step count, the L2 norms of its
     first and second moments (m_norm, v_norm) and update_rms, the RMS of Adam's step direction
     m_hat / (sqrt(v_hat) + eps) (a step is lr times it).
     """
+    if trend or more:
+        stats_trend((ckpt, *(a for a in (pattern, *more) if a is not None)), exclude, trend, plot, fmt)
+        return
     if by_param:
         from paramctl import optimizer
 
@@ -81,6 +108,8 @@ def stats_command(
 
     tensors = selected(load(ckpt), pattern, exclude)
     columns = STATS_COLUMNS + (["hist"] if hist else [])
+    if plot:
+        stats_plot(tensors, plot, ckpt)
     resolved = output.resolve(fmt)
     rows = stats_rows(tensors, hist, with_progress)
     if resolved in ("json", "jsonl"):
@@ -235,3 +264,48 @@ def split_check_arguments(arguments: tuple[str, ...], pattern: str | None) -> tu
     if last == "-" or "://" in last or os.path.exists(last):
         return list(arguments), None
     return ckpts, last
+
+
+# --- pictures and trends (stats --plot, stats --trend) ----------------------------------------------
+
+
+def stats_plot(tensors: list, path: str, title: str) -> None:
+    """Draw TENSORS into PATH (matplotlib is imported here only)."""
+    from paramctl.plots import check_target, plot_stats
+    from paramctl.stats import stats_rows
+
+    check_target(path)
+    rows = list(stats_rows(tensors))
+    shown = plot_stats(tensors, rows, path, title, STATS_COLUMNS)
+    more = f"; {len(tensors) - shown} more not drawn (narrow with PATTERN)" if shown < len(tensors) else ""
+    output.note(f"wrote {path}: histograms of {shown} tensors{more}")
+
+
+def stats_trend(
+    arguments: tuple[str, ...], exclude: tuple[str, ...], trend: bool, plot: str | None, fmt: str | None
+) -> None:
+    """stats --trend: the checkpoints among ARGUMENTS (the last one may be the PATTERN) in order."""
+    from paramctl.trend import COLUMNS, ordered, trend_rows
+
+    if not trend:
+        raise UsageError("stats takes one CKPT and a PATTERN; for several checkpoints, add --trend")
+    paths, pattern = split_check_arguments(arguments, None)
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise UsageError("no such checkpoint", missing[0])
+    paths = ordered(paths)
+    if plot:
+        from paramctl.plots import check_target
+
+        check_target(plot)
+    checkpoints = [(p, load(p)) for p in paths]
+    rows = trend_rows(checkpoints, pattern, exclude)
+    if not rows and (pattern or exclude):
+        where = paths[0] if len(paths) == 1 else f"{len(paths)} checkpoints"
+        raise no_match(where, pattern, exclude, matched=any(c.select(pattern) for _, c in checkpoints))
+    if plot:
+        from paramctl.plots import plot_trend
+
+        plot_trend(rows, plot, f"{len(paths)} checkpoints" + (f", {pattern}" if pattern else ""), COLUMNS)
+        output.note(f"wrote {plot}")
+    output.emit(rows, COLUMNS, output.resolve(fmt), title=f"{len(paths)} checkpoints, in order")
