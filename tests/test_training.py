@@ -129,6 +129,23 @@ def test_opaque_objects_written_back_as_pickled(checkpoint, tmp_path, edit):
     assert [g for g in globals_of(out) if not g.startswith("torch")] == kept
 
 
+def test_omegaconf_config_round_trips(tmp_path):
+    """An OmegaConf DictConfig (fairseq's `cfg`, Hydra runs): nodes that point at their parent
+    make cycles, kept as they were."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"optim": {"lr": 0.1, "betas": [0.9, 0.99]}, "name": "run", "n": None})
+    path, out = tmp_path / "omega.pt", tmp_path / "out.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "cfg": cfg}, path)
+    entries = json.loads(run("info", str(path), "-f", "json").stdout)["entries"]
+    assert entries["cfg"] == "opaque omegaconf.dictconfig.DictConfig (not loaded)"
+    assert run("reinit", str(path), "w", "--init", "zeros", "-o", str(out)).exit_code == 0
+    saved = torch.load(out, weights_only=False)
+    assert type(saved["cfg"]) is type(cfg) and saved["cfg"] == cfg and saved["cfg"].optim.lr == 0.1
+    assert saved["model"]["w"].tolist() == [0.0, 0.0]
+    assert refused_global(out) == refused_global(path)
+
+
 def test_an_edited_numpy_row_is_written_as_numpy(checkpoint, tmp_path):
     out = tmp_path / "out.pt"
     assert run("set", str(checkpoint), "history[0, 0]", "42", "-o", str(out)).exit_code == 0

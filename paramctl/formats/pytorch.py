@@ -564,9 +564,15 @@ def name_tensors(obj: Any, path: str) -> list[Tensor]:
                 )
             unseen(value, keys, f"attribute {name} of {dotted(keys) or 'the object'}")
 
+    looked: set[int] = set()  # containers and opaque objects looked into: OmegaConf's `_parent` makes cycles
+
     def unseen(node: Any, keys: tuple, where: str) -> None:
         """Refuse the file if NODE holds a tensor, which would not be a row."""
         spend()
+        if isinstance(node, (dict, list, tuple, set, frozenset, Opaque)):
+            if id(node) in looked:
+                return
+            looked.add(id(node))
         if isinstance(node, Tensor):
             at = dotted(keys) or "the top"
             raise FormatError(f"a tensor in {where} at {at}: not read as a row, so refused", path)
