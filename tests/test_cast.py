@@ -53,7 +53,9 @@ def test_cast_to_float16_counts_what_overflows(edgy, tmp_path):
     assert result.stdout.strip().startswith("[")
     import json
 
-    assert json.loads(result.stdout) == [{"name": "edge", "from": "float32", "to": "float16", "beyond": 1, "to_zero": 2}]
+    assert json.loads(result.stdout) == [
+        {"name": "edge", "from": "float32", "to": "float16", "beyond": 1, "to_zero": 2}
+    ]
 
 
 def test_ties_stay_tied_after_cast(tmp_path):
