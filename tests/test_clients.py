@@ -248,6 +248,22 @@ def test_a_sharded_directory_keeps_its_layout_and_naming_in_another_format(zoo, 
     assert torch.equal(outputs(load_clean(built.cls, out)), built.logits)
 
 
+def test_a_directory_written_again_holds_only_the_new_checkpoint(zoo, tmp_path):
+    """from_pretrained reads a `model.safetensors` before an index: the shards written into a
+    directory that held one replace it, and one file written later replaces the shards."""
+    built = zoo["gpt2"]
+    out = tmp_path / "out"
+    paramctl("convert", built.forms["bin"], f"{out}/", "--to", "safetensors")
+    # an edit of the sharded form keeps its shards
+    note = paramctl("reinit", built.forms["st-sharded"], r"^transformer\.h\.1\.", "--init", "zeros", "-o", out)
+    assert "removed model.safetensors" in note
+    assert weights_files(out) == shard_files("model", ".safetensors", out)
+    assert torch.equal(load_clean(built.cls, out).transformer.h[1].mlp.c_fc.bias, torch.zeros(128))
+    paramctl("convert", built.forms["bin"], out, "--to", "safetensors")
+    assert weights_files(out) == ["model.safetensors"]
+    assert torch.equal(outputs(load_clean(built.cls, out)), built.logits)
+
+
 # --- transformers: edits ------------------------------------------------------------------------
 
 
@@ -367,8 +383,8 @@ def test_untie_stores_both_names_and_still_loads(zoo, tmp_path):
     assert torch.equal(outputs(load_clean(built.cls, out)), built.logits)
 
 
-def tie_llama(built: Built, out: Path, src: str, dst: str) -> None:
-    paramctl("tie", built.forms["st"], src, dst, "-o", f"{out}/")
+def tie_llama(built: Built, out: Path, src: str, dst: str, form: str = "st") -> None:
+    paramctl("tie", built.forms[form], src, dst, "-o", f"{out}/")
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
 
@@ -443,6 +459,9 @@ def test_transformers_4_loads_the_outputs(zoo, tmp_path):
     tied = tmp_path / "llama-tied"
     tie_llama(llama, tied, "model.embed_tokens.weight", "lm_head.weight")
     cases.append((llama, tied))
+    tied_shards = tmp_path / "llama-tied-shards"
+    tie_llama(llama, tied_shards, "model.embed_tokens.weight", "lm_head.weight", "st-sharded")
+    cases.append((llama, tied_shards))
     half = tmp_path / "t5-half"
     paramctl("cast", t5.forms["st"], "--dtype", "float16", "-o", f"{half}/")
     cases.append((t5, half))

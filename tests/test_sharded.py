@@ -114,10 +114,15 @@ def test_an_index_path_alone_writes_shards_of_the_default_size(tmp_path):
     assert run("convert", str(SAMPLES / "mlp.pt"), f"{to_dir}/").exit_code == 0  # a directory: the input's format
     assert sorted(os.listdir(to_dir)) == ["mlp.pt"]
     assert run("diff", str(SAMPLES / "mlp.pt"), str(to_dir / "mlp.pt")).exit_code == 0
-    assert run("convert", str(SAMPLES / "mlp.pt"), str(to_dir), "--shard-size", "20KB").exit_code == 0
-    shards = ["mlp-00001-of-00002.pt", "mlp-00002-of-00002.pt"]
-    assert sorted(os.listdir(to_dir)) == [*shards, "mlp.pt", "mlp.pt.index.json"]
-    assert ls(to_dir / "mlp.pt.index.json") == ls(SAMPLES / "mlp.pt")
+    # written again in shards, they replace the single file (a loader would read it first), and
+    # the other way round, as save_pretrained clears stale shards
+    result = run("convert", str(SAMPLES / "mlp.pt"), str(to_dir), "--shard-size", "20KB")
+    assert result.exit_code == 0
+    assert result.stderr == f"paramctl: removed mlp.pt from {to_dir}: the checkpoint written there replaces them\n"
+    assert sorted(os.listdir(to_dir)) == ["mlp-00001-of-00002.pt", "mlp-00002-of-00002.pt", "mlp.pt.index.json"]
+    assert ls(to_dir) == ls(SAMPLES / "mlp.pt")
+    assert run("convert", str(SAMPLES / "mlp.pt"), str(to_dir)).exit_code == 0
+    assert sorted(os.listdir(to_dir)) == ["mlp.pt"]
 
 
 def test_a_tie_stays_in_one_shard(tmp_path):

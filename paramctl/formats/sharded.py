@@ -381,8 +381,9 @@ def write_shards(ckpt: Checkpoint, index: str, fmt: str, shard_size: int | None)
 
 
 # what a source directory holds that is not copied beside written weights: checkpoints of any kind
-NOT_COMPANIONS = (INDEX_SUFFIX, ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".hdf5", ".keras", ".msgpack")
-NOT_COMPANIONS += (".gguf", ".onnx", ".params", ".nd", ".index", ".distcp", ".pkl", ".npz", ".ot", ".tflite")
+NOT_COMPANIONS: tuple[str, ...] = (INDEX_SUFFIX, ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".hdf5")
+NOT_COMPANIONS += (".keras", ".msgpack", ".gguf", ".onnx", ".params", ".nd", ".index", ".distcp", ".pkl", ".npz")
+NOT_COMPANIONS += (".ot", ".tflite")
 COMPANION_LIMIT = 64 << 20  # tokenizer.json of large vocabularies is tens of MB; weights are larger
 
 
@@ -438,7 +439,9 @@ def write_shard(ckpt: Checkpoint, p: Planned, fmt: str, path: str) -> None:
         shard = Checkpoint(ckpt.source, p.source.ckpt.format, rows, extra=p.source.ckpt.extra)
     else:
         shard = Checkpoint(ckpt.source, "pt", p.rows)
-    get(fmt).save(shard, path)
+    writer = get(fmt).save
+    assert writer is not None  # fmt is one of SHARD_FORMATS
+    writer(shard, path)
 
 
 def stored_names(path: str, fmt: str, rows: list[Tensor]) -> list[str]:
