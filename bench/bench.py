@@ -183,6 +183,7 @@ class Workload:
     anchor: list[str]
     anchor_name: str
     target: float  # ratio paramctl / anchor to stay at or below
+    max_rss_mib: float | None = None  # paramctl's peak RSS to stay at or below, where that is a target
 
 
 def workloads(p: dict[str, Path], tmp: Path) -> list[Workload]:
@@ -249,6 +250,32 @@ def tf_workloads(size_mb: int) -> list[Workload]:
     return [Workload("ls TF checkpoint", PARAMCTL + ["ls", str(prefix)], anchor, "tf.list_variables", 0.1)]
 
 
+# merge: a linear merge (the mean) of two 1 GiB checkpoints, streamed, against the numpy one-liner
+# that loads both with safe_open (2 GiB held) and writes the mean with save_file
+NUMPY_MERGE = """
+import sys
+from safetensors import safe_open
+from safetensors.numpy import save_file
+with safe_open(sys.argv[1], "np") as fa, safe_open(sys.argv[2], "np") as fb:
+    a, b = {k: fa.get_tensor(k) for k in fa.keys()}, {k: fb.get_tensor(k) for k in fb.keys()}
+save_file({k: a[k] * 0.5 + b[k] * 0.5 for k in a}, sys.argv[3])
+"""
+
+
+def merge_workloads(p: dict[str, Path], tmp: Path) -> list[Workload]:
+    st, edited = str(p["safetensors"]), str(p["edited"])
+    return [
+        Workload(
+            "merge linear 2 x 1 GiB",
+            PARAMCTL + ["merge", st, edited, "-o", str(tmp / "ours.merged.safetensors")],
+            [PYTHON, "-c", NUMPY_MERGE, st, edited, str(tmp / "theirs.merged.safetensors")],
+            "safe_open+save_file",
+            1.5,
+            max_rss_mib=200,
+        )
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
@@ -263,6 +290,7 @@ def main() -> None:
     subprocess.run([PYTHON, __file__, "--build-only", "--size-mb", str(args.size_mb)], check=True)
     paths = build_fixtures(args.size_mb)
     chosen = workloads(paths, FIXTURES) + tf_workloads(args.size_mb)
+    chosen += merge_workloads(paths, FIXTURES)
     if args.only:
         prefixes = tuple(args.only.split(","))
         chosen = [w for w in chosen if w.name.startswith(prefixes)]
@@ -281,6 +309,8 @@ def main() -> None:
         ours, anchor = statistics.median(times["ours"]), statistics.median(times["anchor"])
         ratio = ours / anchor
         verdict = "ok" if ratio <= w.target else "MISS"
+        if w.max_rss_mib is not None and rss["ours"] > w.max_rss_mib * 2**20:
+            verdict = f"MISS (RSS > {w.max_rss_mib:.0f} MiB)"
         print(
             f"{w.name:26} {w.anchor_name:21} {ours:10.3f} {anchor:9.3f} {ratio:6.2f} {'<=' + str(w.target):>7}"
             f" {rss['ours'] / 2**20:9.0f} MiB {rss['anchor'] / 2**20:7.0f} MiB  {verdict}",
