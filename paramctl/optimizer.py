@@ -31,10 +31,20 @@ from paramctl.table import Checkpoint, Storage, Tensor
 POSITION = "position"  # the .pt reader's Tensor.attrs key (formats.pytorch.POSITION)
 BUFFER_LEAVES = ("running_mean", "running_var", "num_batches_tracked")
 MODEL_KEYS = ("state_dict", "model", "model_state_dict", "model_state", "net", "network", "module")
-MOMENTS = ("exp_avg", "momentum_buffer", "momentum", "square_avg", "sum")  # the first moment, by optimizer
-SECOND_MOMENTS = ("exp_avg_sq", "velocity")
+MOMENTS = ("exp_avg", "momentum_buffer", "momentum", "m", "square_avg", "sum")  # the first moment, by optimizer
+SECOND_MOMENTS = ("exp_avg_sq", "velocity", "v")
 KERAS_OPTIMIZER = re.compile(r"optimizer/vars/(?P<index>\d+)")
 KERAS_VAR = re.compile(r"(?P<layer>.+)/vars/(?P<index>\d+)")
+# TensorFlow checkpoints (FORMATS.md part two): legacy optimizers name a slot's variable in its key;
+# Keras 2.11+ optimizers keep `optimizer/_variables/N`, each trainable variable's slots in turn
+VALUE = "/.ATTRIBUTES/VARIABLE_VALUE"
+TF_SLOT = re.compile(r"(?P<param>.+)/\.OPTIMIZER_SLOT/(?P<optimizer>.+)/(?P<slot>[^/]+)" + re.escape(VALUE))
+TF_VARIABLE = re.compile(r"(?P<optimizer>.*optimizer)/_variables/(?P<index>\d+)" + re.escape(VALUE))
+TF_LAYER_VAR = re.compile(r"layer_with_weights-(?P<layer>\d+)/(?P<path>.+)" + re.escape(VALUE))
+# the order Keras layers create their trainable variables in, by the variable's name
+TF_CREATION_ORDER = {"kernel": 0, "embeddings": 0, "gamma": 0, "depthwise_kernel": 0, "pointwise_kernel": 1}
+TF_CREATION_ORDER.update({"recurrent_kernel": 1, "beta": 2, "bias": 2})
+TF_NOT_TRAINABLE = ("moving_mean", "moving_variance")
 
 
 @dataclass
@@ -78,6 +88,10 @@ def find(ckpt: Checkpoint) -> list[OptimizerState]:
         return torch_states(ckpt)
     if any(KERAS_OPTIMIZER.fullmatch(t.name) for t in ckpt.tensors):
         return [keras_state(ckpt)]
+    if any(TF_SLOT.fullmatch(t.name) for t in ckpt.tensors):
+        return [tf_slot_state(ckpt)]
+    if any(TF_VARIABLE.fullmatch(t.name) for t in ckpt.tensors):
+        return [tf_variables_state(ckpt)]
     return []
 
 
@@ -275,6 +289,83 @@ def keras_state(ckpt: Checkpoint) -> OptimizerState:
     return opt
 
 
+# --- TensorFlow checkpoints -----------------------------------------------------------------------
+
+
+def tf_shared(ckpt: Checkpoint, prefix: str) -> dict[str, Tensor]:
+    names: dict[str, tuple[str, ...]] = {
+        "iterations": ("_iterations", "iter"),
+        "learning_rate": ("_learning_rate", "learning_rate"),
+    }
+    names.update(beta_1=("beta_1",), beta_2=("beta_2",))
+    rows = {t.name: t for t in ckpt.tensors}
+    found = {}
+    for key, leaves in names.items():
+        for leaf in leaves:
+            if f"{prefix}/{leaf}{VALUE}" in rows:
+                found[key] = rows[f"{prefix}/{leaf}{VALUE}"]
+                break
+    return found
+
+
+def tf_slot_state(ckpt: Checkpoint) -> OptimizerState:
+    """A legacy optimizer's slots: each key names its variable (`<var>/.OPTIMIZER_SLOT/<opt>/m`)."""
+    rows = {t.name: t for t in ckpt.tensors}
+    slots: dict[str, Slot] = {}
+    prefix = ""
+    for t in ckpt.tensors:
+        m = TF_SLOT.fullmatch(t.name)
+        if m:
+            prefix = m["optimizer"]
+            param = m["param"] + VALUE
+            slot = slots.setdefault(param, Slot(len(slots), {}, rows.get(param), param))
+            slot.tensors[m["slot"]] = t
+    opt = OptimizerState(prefix, "tf", list(slots.values()), shared=tf_shared(ckpt, prefix))
+    wrong = [s.name for s in opt.slots if s.param is None or any(t.shape != s.param.shape for t in s.tensors.values())]
+    if wrong:
+        opt.why = f"slots whose variable is missing or shaped otherwise: {', '.join(map(str, wrong[:3]))}"
+    return opt
+
+
+def tf_variables_state(ckpt: Checkpoint) -> OptimizerState:
+    """A Keras 2.11+ optimizer's `_variables/N` (N >= 1; 0 is the iteration count, saved as
+    `_iterations`): each trainable variable's slots in turn, the variables in the model's order
+    (`layer_with_weights-N`, then each layer's creation order: kernel, recurrent kernel, bias)."""
+    variables = sorted(
+        ((int(m["index"]), m["optimizer"], t) for t in ckpt.tensors if (m := TF_VARIABLE.fullmatch(t.name))),
+        key=lambda x: x[0],
+    )
+    prefix = variables[0][1]
+    values = [t for index, _, t in variables if index > 0]
+    opt = OptimizerState(prefix, "tf", [], shared=tf_shared(ckpt, prefix))
+    trainable = []
+    for t in ckpt.tensors:
+        m = TF_LAYER_VAR.fullmatch(t.name)
+        if m and "/.OPTIMIZER_SLOT/" not in t.name:
+            parts = m["path"].split("/")
+            if parts[-1] in TF_NOT_TRAINABLE:
+                continue
+            if parts[-1] not in TF_CREATION_ORDER:
+                opt.why = f"the creation order of {m['path']!r} in its layer is unknown"
+                return opt
+            trainable.append(((int(m["layer"]), parts[:-1], TF_CREATION_ORDER[parts[-1]]), t))
+    trainable.sort(key=lambda x: x[0])
+    params = [t for _, t in trainable]
+    if not params or len(values) % len(params):
+        opt.why = f"{len(values)} optimizer variables for {len(params)} trainable variables"
+        return opt
+    per = len(values) // len(params)
+    names = {1: ("momentum",), 2: ("m", "v")}.get(per) or tuple(f"slot{k}" for k in range(per))
+    for i, param in enumerate(params):
+        tensors = dict(zip(names, values[i * per : (i + 1) * per]))
+        if any(t.shape != param.shape for t in tensors.values()):
+            opt.why = f"optimizer variables do not match the trainable variables' shapes (at {param.name})"
+            opt.slots = []
+            return opt
+        opt.slots.append(Slot(i, tensors, param, param.name))
+    return opt
+
+
 # --- figures ---------------------------------------------------------------------------------------
 
 
@@ -319,7 +410,7 @@ def slot_stats(states: list[OptimizerState]) -> list[dict[str, Any]]:
             vv = v.array().astype(np.float64) if v is not None else None
             update = None
             if mv is not None and vv is not None and mv.shape == vv.shape and mv.size:
-                beta1, beta2 = betas(group, opt.kind)
+                beta1, beta2 = betas(group, opt.shared)
                 eps = group.get("eps", 1e-8 if opt.kind == "torch" else 1e-7)
                 if step and step > 0:
                     mv, vv = mv / (1 - beta1**step), vv / (1 - beta2**step)
@@ -347,7 +438,10 @@ def learning_rate(group: dict, shared: Tensor | None) -> float | None:
     return float(shared.array().reshape(-1)[0]) if shared is not None and shared.numel == 1 else None
 
 
-def betas(group: dict, kind: str) -> tuple[float, float]:
+def betas(group: dict, shared: dict[str, Tensor]) -> tuple[float, float]:
+    """Adam's (beta1, beta2): a torch param group's `betas`, a TF optimizer's variables, or the defaults."""
+    if "beta_1" in shared and "beta_2" in shared:
+        return tuple(float(shared[b].array().reshape(-1)[0]) for b in ("beta_1", "beta_2"))  # type: ignore[return-value]
     pair = group.get("betas")
     if isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(b, (int, float)) for b in pair):
         return float(pair[0]), float(pair[1])

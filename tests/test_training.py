@@ -447,3 +447,53 @@ def test_lightning_checkpoint_edited_then_resumed(lightning_checkpoint, tmp_path
         )
         trainer.fit(lit_module()(argparse.Namespace(lr=0.01, hidden=8)), data(), ckpt_path=out, weights_only=False)
         assert trainer.current_epoch == 2
+
+
+TF_SCRIPT = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+
+out = {}
+for kind in ("keras", "legacy"):
+    tf.keras.utils.set_random_seed(0)
+    model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(8),
+                                 tf.keras.layers.BatchNormalization(), tf.keras.layers.Dense(3)])
+    opt = tf.keras.optimizers.Adam(0.01) if kind == "keras" else tf.keras.optimizers.legacy.Adam(0.01)
+    model.compile(opt, "mse")
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+    model.fit(x, x[:, :3] * 2, epochs=2, verbose=0)
+    model.save_weights(sys.argv[1] + "/" + kind + "/ckpt")
+    rows = []
+    for var in model.trainable_variables:
+        if kind == "keras":
+            m = opt._momentums[opt._index_dict[opt._var_key(var)]]
+        else:
+            m = opt.get_slot(var, "m")
+        rows.append([list(var.shape), float(np.linalg.norm(np.asarray(m, dtype=np.float64))),
+                     float(np.linalg.norm(np.asarray(var, dtype=np.float64)))])
+    out[kind] = {"rows": rows, "step": int(opt.iterations.numpy())}
+print(json.dumps(out))
+"""
+
+
+def test_tensorflow_checkpoint_optimizer_slots_by_variable(tmp_path):
+    """Keras 2.11+ optimizers (`optimizer/_variables/N`) and legacy ones (`.OPTIMIZER_SLOT` keys),
+    checked against TensorFlow's own slot of each trainable variable."""
+    from reference import run_in
+
+    from paramctl.formats import load
+
+    expected = run_in("tensorflow", TF_SCRIPT, str(tmp_path))
+    for kind in ("keras", "legacy"):
+        path = str(tmp_path / kind / "ckpt")
+        stats = json.loads(run("stats", path, "--optimizer", "-f", "json").stdout)
+        table = load(path)
+        by_value = [(float(np.linalg.norm(table[s["param"]].array().astype(np.float64))), s) for s in stats]
+        assert len(stats) == len(expected[kind]["rows"]) == 6
+        for shape, m_norm, var_norm in expected[kind]["rows"]:  # each variable's slot: found by its values
+            mine = next(s for norm, s in by_value if norm == pytest.approx(var_norm))
+            assert mine["shape"] == shape and mine["m_norm"] == pytest.approx(m_norm, rel=1e-6, abs=1e-12)
+        assert all(s["step"] == expected[kind]["step"] and s["lr"] == pytest.approx(0.01) for s in stats)
+        if kind == "keras":  # in the model's order
+            assert [s["shape"] for s in stats] == [r[0] for r in expected[kind]["rows"]]
