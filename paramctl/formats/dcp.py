@@ -401,6 +401,44 @@ class Assembly:
         return data[skip : skip + length]
 
 
+class ItemStorage(Storage):
+    """The bytes of a tensor stored whole in one item: where they lie in the `.distcp` is known
+    once the item's `data.pkl` is read, which happens when the place (`offset`) or the way to
+    read them (`reader`) is first asked for, not when the checkpoint is listed. A contiguous
+    tensor is then a plain region of the file, mapped and streamed as any other; a strided one
+    (a saved `.t()`) is read through its chunk's view."""
+
+    def __init__(self, nbytes: int, path: str, assembly: Assembly):
+        super().__init__(nbytes, path=path)
+        self.assembly = assembly
+        self.place: tuple[int, Any] | None = None
+
+    def where(self) -> tuple[int, Any]:
+        if self.place is None:
+            t = self.assembly.chunk(0)
+            if t.is_contiguous and t.storage.path == self.path and t.storage.reader is None:
+                self.place = (t.storage.offset + t.offset * self.assembly.size, None)
+            else:
+                self.place = (0, self.assembly.read)
+        return self.place
+
+    @property  # type: ignore[override]
+    def offset(self) -> int:
+        return self.where()[0]
+
+    @offset.setter
+    def offset(self, value: int) -> None:
+        pass  # Storage's __init__ sets the default; the place is the item's
+
+    @property  # type: ignore[override]
+    def reader(self) -> Any:
+        return self.where()[1]
+
+    @reader.setter
+    def reader(self, value: Any) -> None:
+        pass
+
+
 # --- the checkpoint ------------------------------------------------------------------------------
 
 
@@ -474,7 +512,11 @@ def load_directory(directory: str, source: str) -> Checkpoint:
         assert e.dtype is not None
         nbytes = math.prod(e.shape) * itemsize(e.dtype)
         first = e.chunks[0].item.file if e.chunks else os.path.join(directory, METADATA)
-        storage = Storage(nbytes, path=first, reader=Assembly(e).read)
+        assembly = Assembly(e)
+        if len(e.chunks) == 1:
+            storage: Storage = ItemStorage(nbytes, first, assembly)
+        else:
+            storage = Storage(nbytes, path=first, reader=assembly.read)
         tensors.append(Tensor(e.fqn, e.shape, e.dtype, storage, attrs={POSITION: e.position}))
     files = {os.path.join(directory, METADATA)} | {c.item.file for e in entries for c in e.chunks}
     files |= {e.item.file for e in entries if e.item is not None}
