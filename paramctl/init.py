@@ -92,7 +92,12 @@ LEAF_ROLES = {
     "running_var": "var",
     "moving_variance": "var",
     "moving_var": "var",
+    "i2h_weight": "weight",  # Gluon's RNN, LSTM and GRU layers
+    "h2h_weight": "recurrent",
+    "i2h_bias": "bias",
+    "h2h_bias": "bias",
 }
+GLUON_RNN = re.compile(r"[lr]\d+_(?P<leaf>[ih]2h_(?:weight|bias))")  # a fused layer's l0_i2h_weight, r0_...
 ATTENTION = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 TORCH_RNN = re.compile(r"(?P<kind>weight|bias)_(?P<part>ih|hh|hr)(?P<layer>_l\d+)?(?P<reverse>_reverse)?")
 STATE = re.compile(r"optim(izer)?(_\w+)?|metrics")  # a name part under which tensors are training state
@@ -122,6 +127,9 @@ def leaf_of(name: str) -> str:
     symbol name (`dense0_weight`; `arg:dense0_weight`, `aux:batchnorm0_running_mean` from
     `export`) gives the suffix MXNet's Initializer matches it by (`weight`, `running_mean`)."""
     leaf = re.split(r"[./]", re.sub(r":\d+$|/\.ATTRIBUTES/VARIABLE_VALUE$", "", name))[-1]  # TF: k/.ATTRIBUTES/...
+    rnn = GLUON_RNN.fullmatch(leaf)
+    if rnn:
+        return rnn["leaf"]
     if leaf == name and leaf not in LEAF_ROLES:
         flat = re.sub(r"^(arg|aux):", "", name)
         for known in sorted((*LEAF_ROLES, "weight", "bias"), key=len, reverse=True):
