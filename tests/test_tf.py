@@ -24,6 +24,10 @@ from paramctl.table import Checkpoint, tensor_from_array
 
 TF_FIXTURES = FIXTURES / "tf"
 KINDS = ["mlp", "legacy", "manager", "dtypes", "shards", "partitioned"]
+FRESH_KINDS = [
+    *KINDS,
+    "saved_model",
+]  # a Keras 2 SavedModel directory: made by the tests, not committed (70 KB of graph)
 
 
 def expected(where: Path) -> dict:
@@ -233,6 +237,56 @@ def test_keras_layout_for_fans():
     assert line.split()[-4:] == ["weight", "xavier_uniform(gain=1.0)", "4", "1"]  # (in, out) = (4, 1)
 
 
+FUZZ_CASES = 2000 if os.environ.get("PARAMCTL_FUZZ") == "long" else 150
+
+
+@pytest.mark.parametrize("kind", ["mlp", "dtypes", "partitioned", "shards"])
+def test_mutated_bundles_are_read_or_refused_in_one_line(kind, tmp_path):
+    """Entries and keys mutated and the index rebuilt with valid block CRCs, so that the damage
+    reaches the protobuf, shape, slice and data checks: every case is a table or a FormatError."""
+    import random
+
+    rng = random.Random(kind)
+    prefix = expected(TF_FIXTURES / kind)["prefix"]
+    entries = list(_sstable.read_table((TF_FIXTURES / kind / f"{prefix}.index").read_bytes()))
+    where = copy_fixture(kind, tmp_path)
+    outcomes = {"table": 0, "error": 0}
+    for _ in range(FUZZ_CASES):
+        mutated = list(entries)
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(len(mutated))
+            key, value = mutated[i]
+            mutated[i] = (key, mutate(rng, value)) if rng.random() < 0.8 else (mutate(rng, key), value)
+        table = _sstable.TableWriter()
+        for key, value in mutated:
+            table.add(key, value)
+        (where / f"{prefix}.index").write_bytes(table.finish())
+        try:
+            ckpt = paramctl.load(str(where / prefix))
+            tf.entries(ckpt)
+            for t in ckpt.tensors:
+                t.array()
+            outcomes["table"] += 1
+        except paramctl.FormatError as e:
+            assert "\n" not in str(e)
+            outcomes["error"] += 1
+    assert outcomes["error"] > 0
+
+
+def mutate(rng, data: bytes) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 3)):
+        op = rng.random()
+        if op < 0.5 and out:
+            out[rng.randrange(len(out))] = rng.choice([0, 1, 0x7F, 0x80, 0xFF, rng.randrange(256)])
+        elif op < 0.7:
+            del out[rng.randrange(len(out) + 1) :]
+        else:
+            at = rng.randrange(len(out) + 1)
+            out[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 6)))
+    return bytes(out)
+
+
 # --- against TensorFlow 2.15 --------------------------------------------------------------------
 
 CHECK = r"""
@@ -283,6 +337,8 @@ for name, job in json.loads(sys.argv[1]).items():
         try:
             if job["root"] == "model":
                 net.load_weights(job["prefix"]).assert_consumed()
+            elif job["root"] == "saved_model":
+                net = tf.keras.models.load_model(job["dir"])
             else:
                 tf.train.Checkpoint(model=net, optimizer=opt).restore(job["prefix"]).assert_consumed()
             r["restored"] = "ok"
@@ -317,6 +373,12 @@ EDITS = [
     ("shards-copy", "shards", ["convert", "{src}", "{out}"], None),
     ("partitioned-copy", "partitioned", ["convert", "{src}", "{out}"], None),
     ("from-safetensors", "safetensors", ["convert", "{src}", "{out}", "--to", "tf"], None),
+    (
+        "saved-model-reinit",
+        "saved_model",
+        ["reinit", "{src}", "kernel", "--init", "constant(42)", "-o", "{dir}/"],
+        "saved_model",
+    ),
 ]
 
 
@@ -326,17 +388,17 @@ def tf_checks(tmp_path_factory):
     back from everything (two TensorFlow processes in all)."""
     base = tmp_path_factory.mktemp("tf")
     made = base / "made"
-    run_in("tensorflow", (TF_FIXTURES / "make_fixtures.py").read_text(), str(made))
+    run_in("tensorflow", (TF_FIXTURES / "make_fixtures.py").read_text(), str(made), "--saved-model")
     from safetensors.numpy import save_file
 
     save_file(
         {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "h": np.array([1, 2], np.float16)},
         str(base / "m.safetensors"),
     )
-    sources = {kind: made / kind / expected(made / kind)["prefix"] for kind in KINDS}
+    sources = {kind: made / kind / expected(made / kind)["prefix"] for kind in FRESH_KINDS}
     sources["safetensors"] = base / "m.safetensors"
     jobs, stderr = {}, {}
-    for kind in KINDS:
+    for kind in FRESH_KINDS:
         model = {"mlp": "mlp", "legacy": "legacy", "manager": "mlp"}.get(kind)
         jobs[f"{kind}-source"] = {
             "prefix": str(sources[kind]),
@@ -345,18 +407,19 @@ def tf_checks(tmp_path_factory):
         }
     for name, kind, args, root in EDITS:
         out, directory = base / "out" / name / "ckpt", base / "out" / name / "dir"
-        argv = [a.format(src=sources[kind] if kind != "manager" else made / kind, out=out, dir=directory) for a in args]
+        source = made / kind if kind in ("manager", "saved_model") else sources[kind]
+        argv = [a.format(src=source, out=out, dir=directory) for a in args]
         result = run(*argv)
         assert result.exit_code == 0, (name, result.stderr)
         stderr[name] = result.stderr
         prefix = str(paramctl.load(str(directory if "{dir}/" in args else out)).extra.prefix)
-        model = {"mlp": "mlp", "legacy": "legacy", "manager": "mlp"}.get(kind)
-        jobs[name] = {"prefix": prefix, "model": model if root else None, "root": root}
+        model = {"mlp": "mlp", "legacy": "legacy", "manager": "mlp", "saved_model": "mlp"}.get(kind)
+        jobs[name] = {"prefix": prefix, "model": model if root else None, "root": root, "dir": str(directory)}
     results = run_in("tensorflow", CHECK, json.dumps(jobs))
     return {"made": made, "sources": sources, "jobs": jobs, "results": results, "stderr": stderr}
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", FRESH_KINDS)
 def test_fresh_tensorflow_checkpoints_read_as_tensorflow_reads_them(tf_checks, kind):
     result = tf_checks["results"][f"{kind}-source"]
     assert_same_as_tf(str(tf_checks["sources"][kind]), result["tensors"])
@@ -392,6 +455,8 @@ def test_edits_did_what_they_say(tf_checks):
     manager = results["manager-reinit"]["tensors"]
     k = np.frombuffer(bytes.fromhex(manager["model/" + kernel]["hex"]), np.float32)
     assert (k == 42).all()
+    saved = results["saved-model-reinit"]["tensors"]
+    assert (np.frombuffer(bytes.fromhex(saved[kernel]["hex"]), np.float32) == 42).all()
     made = tf_checks["made"] / "manager"
     assert (
         (Path(tf_checks["jobs"]["manager-dir"]["prefix"]).parent / "checkpoint")

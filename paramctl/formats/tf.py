@@ -20,6 +20,7 @@ import contextlib
 import math
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 
@@ -420,9 +421,13 @@ def resolve_state_file(path: str) -> str:
 
 
 def _accept_path(path: str) -> str | None:
+    """A directory holding a `checkpoint` state file (its latest checkpoint), or a SavedModel's
+    directory or its `variables/` (the `variables` bundle); a prefix whose `.index` exists."""
     if os.path.isdir(path):
-        state = os.path.join(path, STATE_FILE)
-        return state if os.path.isfile(state) else None
+        for candidate in (STATE_FILE, "variables/variables.index", "variables.index"):
+            if os.path.isfile(os.path.join(path, candidate)):
+                return os.path.join(path, candidate)
+        return None
     if not os.path.exists(path) and os.path.isfile(path + ".index"):
         return path + ".index"
     return None
@@ -462,9 +467,36 @@ def output_prefix(ckpt: Checkpoint, path: str) -> tuple[str, bool]:
         return path[: -len(".index")], False
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         bundle = ckpt.extra if isinstance(ckpt.extra, Bundle) else None
+        if bundle is not None and saved_model_of(bundle.prefix):
+            return os.path.join(path, "variables", "variables"), False
         name = os.path.basename(bundle.prefix) if bundle else "ckpt"
         return os.path.join(path, name), True
     return path, False
+
+
+def saved_model_of(prefix: str) -> str | None:
+    """The SavedModel directory whose variables PREFIX is (`DIR/variables/variables`), if it is one."""
+    variables = os.path.dirname(os.path.abspath(prefix))
+    if os.path.basename(prefix) == "variables" and os.path.basename(variables) == "variables":
+        return os.path.dirname(variables)
+    return None
+
+
+def copy_saved_model(source: str, target: str) -> None:
+    """The rest of a SavedModel (saved_model.pb, assets, ...) beside variables written into TARGET."""
+    if os.path.realpath(source) == os.path.realpath(target):
+        return
+    for name in os.listdir(source):
+        there = os.path.join(target, name)
+        if name == "variables" or os.path.lexists(there):
+            continue
+        here = os.path.join(source, name)
+        if os.path.islink(here):
+            continue
+        if os.path.isdir(here):
+            shutil.copytree(here, there, symlinks=True)
+        else:
+            shutil.copy2(here, there)
 
 
 def save(ckpt: Checkpoint, path: str) -> None:
@@ -531,6 +563,12 @@ def save(ckpt: Checkpoint, path: str) -> None:
                 os.unlink(tmp)
     if bundle is not None and os.path.realpath(bundle.prefix) == os.path.realpath(prefix):
         _remove_stale_shards(prefix)
+    source_model = saved_model_of(bundle.prefix) if bundle is not None else None
+    if source_model and prefix == os.path.join(path, "variables", "variables"):
+        try:
+            copy_saved_model(source_model, path)
+        except OSError as e:
+            raise ParamctlError(f"cannot copy the SavedModel's other files: {e.strerror or e}", path) from None
 
 
 def _temp(directory: str, target: str, temps: list[str]) -> str:
