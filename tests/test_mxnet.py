@@ -10,6 +10,7 @@ SymbolBlock.imports: two MXNet subprocesses for the whole module.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -151,7 +152,7 @@ def assert_reads_like_nd_load(directory: Path, manifest: dict) -> None:
 
 
 def test_reads_what_nd_load_returns():
-    assert len(MANIFEST) == 15
+    assert len(MANIFEST) == 17
     assert_reads_like_nd_load(FIX, MANIFEST)
 
 
@@ -226,6 +227,19 @@ def test_reinit_roles_of_export_names():
         "paramctl:   arg:dense18_weight           [2, 4]  weight  uniform(low=-0.07, high=0.07)  4       2\n"
         "paramctl:   arg:dense18_bias             [2]     bias    zeros                          -       -\n"
     )
+
+
+def test_reinit_roles_of_gluon_layers():
+    """save_parameters' structural names and collect_params().save's flat ones get the roles
+    MXNet's Initializer gives them (it matches the name's end: weight, bias, gamma, ...)."""
+    plans = []
+    for name in ("layers.params", "layers-prefixed.params"):
+        result = run("reinit", str(FIX / name), "--init", "mxnet_default", "--dry-run")
+        assert result.exit_code == 0
+        plans.append([re.split(r"\s{2,}", line)[3] for line in result.stderr.splitlines()[2:]])
+    roles = ["weight", "weight", "recurrent", "bias", "bias", "weight", "bias"]
+    roles += ["gamma", "beta", "mean", "var", "weight", "bias", "weight", "bias"]
+    assert plans == [roles, ["embedding", *roles[1:]]]  # a flat name says embedding0_weight
 
 
 def test_legacy_layouts_and_devices(tmp_path):
@@ -325,7 +339,7 @@ import json, sys
 import numpy as onp
 import mxnet as mx
 from mxnet import gluon, nd, npx
-from mxnet.gluon import nn
+from mxnet.gluon import nn, rnn
 
 BF16 = onp.dtype([("bfloat16", onp.uint16)])
 
@@ -366,7 +380,14 @@ def torch_mlp():  # nn.Sequential(Linear(4, 8), ReLU(), Linear(8, 1)) in Gluon
     return net
 
 
-NETS = {"mlp": mlp, "nested": nested, "shared": shared_net, "torch_mlp": torch_mlp}
+def layers():  # as make_fixtures.py builds it
+    net = nn.Sequential()
+    net.add(nn.Embedding(10, 3), rnn.LSTM(4, input_size=3), nn.Conv2D(2, 3, in_channels=1))
+    net.add(nn.BatchNorm(in_channels=2), nn.Conv2DTranspose(2, 3, in_channels=2), nn.Dense(3, in_units=2))
+    return net
+
+
+NETS = {"mlp": mlp, "nested": nested, "shared": shared_net, "torch_mlp": torch_mlp, "layers": layers}
 
 
 def plain(v):
@@ -423,6 +444,8 @@ EDITS = {
         "strange.params",
         "mlp",
     ),
+    "layers": (["reinit", "{F}/layers.params", "--init", "mxnet_default", "--seed", "5"], "layers.params", "layers"),
+    "prefixed": (["reinit", "{F}/layers-prefixed.params", "--init", "xavier", "--seed", "6"], "prefixed.params", "nd"),
     "set": (["set", "{F}/mlp.params", "0.weight[0, 0]", "42"], "set.params", "mlp"),
     "expr": (["set", "{F}/custom.params", "weight", "--expr", "x + 1"], "expr.params", "mlp"),
     "cast16": (["cast", "{F}/mlp.params", "--dtype", "float16"], "cast16.params", "mlp:float16"),
@@ -568,6 +591,11 @@ def test_edits_did_what_they_say(mx):
     assert np.array_equal(tied["1.weight"], tied["2.weight"])
     export = values(out / "export-0007.params")
     assert not export["aux:batchnorm0_running_mean"].any() and (export["aux:batchnorm0_running_var"] == 1).all()
+    for name, prefix in (("layers.params", "1._unfused.0."), ("prefixed.params", "lstm0_l0_")):
+        edited, before = values(out / name), values(fresh / name.replace("prefixed", "layers-prefixed"))
+        for part in ("i2h_weight", "h2h_weight"):
+            assert not np.array_equal(edited[prefix + part], before[prefix + part]), (name, part)
+        assert not edited[prefix + "i2h_bias"].any() and not edited[prefix + "h2h_bias"].any()
     scalars = values(out / "zero-d.params")
     assert scalars["step"].shape == () and scalars["step"] == 3 and scalars["e"].shape == (0,)
 
