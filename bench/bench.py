@@ -276,6 +276,34 @@ def merge_workloads(p: dict[str, Path], tmp: Path) -> list[Workload]:
     ]
 
 
+# MXNet: paramctl's listing against nd.load + print in MXNet's environment (.venv-mx, built by
+# `make test`); the .params file is written there by nd.save, once
+MX_PYTHON = HERE.parent / ".venv-mx" / "bin" / "python"
+MX_LIST = "import sys, mxnet as mx; d = mx.nd.load(sys.argv[1]); [print(k, v.shape, v.dtype) for k, v in d.items()]"
+MX_WRITE = """
+import sys, mxnet as mx
+size_mb, path, d = int(sys.argv[1]), sys.argv[2], 1024
+shapes = {"wte.weight": (8192, d), "wpe.weight": (8192, d)}
+for i in range(max(1, (size_mb * 2**20 // 4 - 2 * 8192 * d) // (12 * d * d))):
+    shapes.update({f"h.{i}.attn.c_attn.weight": (3 * d, d), f"h.{i}.attn.c_proj.weight": (d, d)})
+    shapes.update({f"h.{i}.mlp.c_fc.weight": (4 * d, d), f"h.{i}.mlp.c_proj.weight": (d, 4 * d)})
+    shapes.update({f"h.{i}.ln_1.gamma": (d,), f"h.{i}.ln_1.beta": (d,), f"h.{i}.mlp.c_fc.bias": (4 * d,)})
+mx.nd.save(path, {name: mx.nd.random.normal(0, 0.02, shape) for name, shape in shapes.items()})
+"""
+
+
+def mx_workloads(size_mb: int) -> list[Workload]:
+    """`ls` on an MXNet .params of about SIZE_MB against nd.load + print (none without .venv-mx)."""
+    if not MX_PYTHON.exists():
+        print("no .venv-mx: skipping the MXNet workload (make .venv-mx/.installed)")
+        return []
+    path = FIXTURES / f"model-{size_mb}mb.params"
+    if not path.exists():
+        subprocess.run([str(MX_PYTHON), "-c", MX_WRITE, str(size_mb), str(path)], check=True)
+    anchor = [str(MX_PYTHON), "-c", MX_LIST, str(path)]
+    return [Workload("ls MXNet .params", PARAMCTL + ["ls", str(path)], anchor, "mx.nd.load", 0.1)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
@@ -291,6 +319,7 @@ def main() -> None:
     paths = build_fixtures(args.size_mb)
     chosen = workloads(paths, FIXTURES) + tf_workloads(args.size_mb)
     chosen += merge_workloads(paths, FIXTURES)
+    chosen += mx_workloads(args.size_mb)
     if args.only:
         prefixes = tuple(args.only.split(","))
         chosen = [w for w in chosen if w.name.startswith(prefixes)]
