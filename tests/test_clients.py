@@ -41,7 +41,7 @@ SHARD = "20KB"  # a few shards of each tiny model
 
 
 def configs() -> dict[str, tuple[str, Any]]:
-    from transformers import BertConfig, GPT2Config, LlamaConfig, T5Config
+    from transformers import BartConfig, BertConfig, GPT2Config, LlamaConfig, T5Config
 
     small = {"vocab_size": 100}
     return {
@@ -69,6 +69,26 @@ def configs() -> dict[str, tuple[str, Any]]:
                 eos_token_id=1,
                 **small,
             ),
+        ),
+        # tied: model.shared.weight is both embed_tokens and lm_head.weight
+        "bart": (
+            "BartForConditionalGeneration",
+            BartConfig(
+                d_model=32,
+                encoder_layers=1,
+                decoder_layers=1,
+                encoder_attention_heads=2,
+                decoder_attention_heads=2,
+                encoder_ffn_dim=64,
+                decoder_ffn_dim=64,
+                max_position_embeddings=32,
+                **small,
+            ),
+        ),
+        # tied: the word embeddings are the decoder's weight, and cls.predictions.bias its bias
+        "bert-mlm": (
+            "BertForMaskedLM",
+            BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, **small),
         ),
         "bert": (
             "BertForSequenceClassification",
@@ -207,11 +227,23 @@ TARGETS = {
     "bin-sharded": ("--to", "pt", "--shard-size", SHARD),
 }
 FORMS = ("st", "st-sharded", "bin", "bin-sharded")
-CONVERSIONS = [("gpt2", s, t) for s in FORMS for t in TARGETS] + [
-    (m, s, t) for m in ("t5", "llama", "bert") for s in ("st-sharded", "bin") for t in ("st", "bin-sharded")
-]
+CONVERSIONS = (
+    [("gpt2", s, t) for s in FORMS for t in TARGETS]
+    + [(m, "bin", t) for m in ("bart", "bert-mlm") for t in ("st", "st-sharded")]
+    + [(m, s, t) for m in ("t5", "llama", "bert") for s in ("st-sharded", "bin") for t in ("st", "bin-sharded")]
+)
 # the name safetensors keeps of each tie group, as transformers keeps it: the first in module order
-KEPT = {"gpt2": ("transformer.wte.weight", ["lm_head.weight"]), "t5": ("shared.weight", ["lm_head.weight"])}
+EMBEDS = ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
+KEPT = {
+    "gpt2": (["transformer.wte.weight"], ["lm_head.weight"]),
+    "t5": (["shared.weight"], [*EMBEDS, "lm_head.weight"]),
+    "bart": (["model.shared.weight"], [*(f"model.{n}" for n in EMBEDS), "lm_head.weight"]),
+    # a bias tie too: the decoder's bias is the prediction head's
+    "bert-mlm": (
+        ["bert.embeddings.word_embeddings.weight", "cls.predictions.bias"],
+        ["cls.predictions.decoder.weight", "cls.predictions.decoder.bias"],
+    ),
+}
 
 
 @pytest.mark.parametrize("model,source,target", CONVERSIONS)
@@ -228,11 +260,10 @@ def test_convert_loads_in_transformers_with_equal_logits(zoo, tmp_path, model, s
         header = safetensors_header(file)
         assert header["__metadata__"]["format"] == "pt"
         if model in KEPT:
-            kept, dropped = KEPT[model]
-            assert not set(dropped) & set(header)
+            assert not set(KEPT[model][1]) & set(header)
     if target.startswith("st") and model in KEPT:
-        kept, _ = KEPT[model]
-        assert any(kept in safetensors_header(f) for f in out.glob("*.safetensors"))
+        stored = {name for f in out.glob("*.safetensors") for name in safetensors_header(f)}
+        assert set(KEPT[model][0]) <= stored
 
 
 def test_a_sharded_directory_keeps_its_layout_and_naming_in_another_format(zoo, tmp_path):
@@ -452,6 +483,8 @@ def test_transformers_4_loads_the_outputs(zoo, tmp_path):
     convert(gpt2, "bin-sharded", "gpt2-st-from-shards", "--to", "safetensors", "--shard-size", "5GB")
     convert(gpt2, "st-sharded", "gpt2-bin", "--to", "pt", "--shard-size", "5GB")
     convert(t5, "bin", "t5-st", "--to", "safetensors")
+    convert(zoo["bart"], "bin", "bart-st-sharded", "--to", "safetensors", "--shard-size", SHARD)
+    convert(zoo["bert-mlm"], "bin", "bert-mlm-st", "--to", "safetensors")
     convert(t5, "bin", "t5-st-sharded", "--to", "safetensors", "--shard-size", SHARD)
     reinit = tmp_path / "gpt2-reinit"
     paramctl("reinit", gpt2.forms["bin"], "wte", "--init", "normal(std=0.5)", "-o", f"{reinit}/", "--to", "safetensors")
