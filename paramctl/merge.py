@@ -105,10 +105,10 @@ def match(
     for ckpt, names in zip(inputs[1:], lookups[1:]):
         missing = [t.name for t in first.tensors if t.name not in names]
         extra = [n for n in names if n not in lookups[0]]
-        for kind, which in (("lacks", missing), ("has extra", extra)):
+        for which, (lacking, holding) in ((missing, (ckpt, first)), (extra, (first, ckpt))):
             if which:
                 shown = ", ".join(which[:5]) + (f" and {len(which) - 5} more" if len(which) > 5 else "")
-                problems.append(f"{ckpt.source} {kind} {len(which)} tensors of {first.source} ({shown})")
+                problems.append(f"{lacking.source} lacks {len(which)} tensors of {holding.source} ({shown})")
     if problems and not allow_missing:
         raise UsageError("names differ: " + "; ".join(problems) + " (--allow-missing merges the names they share)")
     rows: dict[tuple, Row] = {}
