@@ -273,3 +273,37 @@ def test_sharded_input_to_a_single_file(sharded, tmp_path):
     assert run("convert", str(index), str(out)).exit_code == 0
     assert sorted(load_file(out)) == sorted(sd)
     assert [r["name"] for r in ls(out)] == list(sd)
+
+
+@pytest.mark.parametrize(
+    "source,to,name",
+    [
+        ("model.safetensors", "pt", "pytorch_model.bin"),
+        ("pytorch_model.bin", "safetensors", "model.safetensors"),
+        ("diffusion_pytorch_model.safetensors", "pt", "diffusion_pytorch_model.bin"),
+        ("adapter_model.bin", "safetensors", "adapter_model.safetensors"),
+        ("model.fp16.safetensors", "pt", "pytorch_model.fp16.bin"),
+        ("pytorch_model.fp16.bin", "safetensors", "model.fp16.safetensors"),
+        ("weights.ckpt", "pt", "weights.ckpt"),
+        ("weights.ckpt", "safetensors", "weights.safetensors"),
+        ("net.safetensors", "pt", "net.pt"),
+        ("-", "safetensors", "model.safetensors"),
+        ("-", "pt", "pytorch_model.bin"),
+    ],
+)
+def test_weights_written_into_a_directory_keep_the_sources_name(tmp_path, source, to, name):
+    """The name the weights take in `-o out/`: the source's, in the output format's spelling."""
+    data = (SAMPLES / "mlp.pt").read_bytes() if source.endswith((".bin", ".ckpt")) else None
+    if data is None:
+        result = run("convert", str(SAMPLES / "mlp.pt"), str(tmp_path / "src.safetensors"))
+        assert result.exit_code == 0
+        data = (tmp_path / "src.safetensors").read_bytes()
+    out = tmp_path / "out"
+    if source == "-":
+        result = run("convert", "-", f"{out}/", "--to", to, input=data)
+    else:
+        (tmp_path / source).write_bytes(data)
+        result = run("convert", str(tmp_path / source), f"{out}/", "--to", to)
+    assert result.exit_code == 0, result.stderr
+    assert os.listdir(out) == [name]
+    assert ls(out / name) == ls(SAMPLES / "mlp.pt")

@@ -165,7 +165,8 @@ def weights_name(ckpt: Checkpoint, fmt: str) -> str:
     """The file name CKPT's weights take in a directory when written as FMT: the source's own
     (`diffusion_pytorch_model.safetensors`, `adapter_model.safetensors`; a sharded source's index
     without `.index.json`), with FMT's extension, transformers' `model.safetensors` and
-    `pytorch_model.bin` standing for each other; `model` when the source has no name (stdin)."""
+    `pytorch_model.bin` standing for each other (a variant too: `model.fp16.safetensors`,
+    `pytorch_model.fp16.bin`); `model` when the source has no name (stdin)."""
     from paramctl.formats import extensions, get
 
     source = ckpt.extra if isinstance(ckpt.extra, ShardedSource) else None
@@ -174,9 +175,12 @@ def weights_name(ckpt: Checkpoint, fmt: str) -> str:
     stem, ext = os.path.splitext(name)
     if ext and extensions().get(ext.lower()) == fmt:
         return name
+    base, dot, variant = stem.partition(".")
+    if fmt == "pt" and base in HF_STEMS:
+        return ("pytorch_model" if base == "model" else base) + dot + variant + ".bin"
     if fmt == "pt":
-        return "pytorch_model.bin" if stem == "model" else stem + (".bin" if stem in HF_STEMS else ".pt")
-    return ("model" if stem == "pytorch_model" else stem) + get(fmt).extensions[0]
+        return stem + ".pt"
+    return ("model" + dot + variant if base == "pytorch_model" else stem) + get(fmt).extensions[0]
 
 
 def index_path(target: str, fmt: str, ckpt: Checkpoint) -> str:
