@@ -96,6 +96,21 @@ def test_info_shows_the_string_entries_and_the_sniffed_format():
     assert tf.entries(partitioned) == {"partitioned": ["s/part"]}
 
 
+def test_listing_imports_no_framework_and_no_numpy():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, runpy; sys.argv = ['paramctl', 'ls', sys.argv[1]]\n"
+        "try: runpy.run_module('paramctl', run_name='__main__')\n"
+        "except SystemExit: pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'torch', 'numpy', 'h5py', 'keras'}))"
+    )
+    for path in (TF_FIXTURES / "manager", TF_FIXTURES / "dtypes" / "ckpt.index"):
+        out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+        assert out.stdout.splitlines()[-1] == "[]", out.stdout
+
+
 def test_partitioned_variable_slice_keys_are_tensorflows():
     index = (TF_FIXTURES / "partitioned" / "model.index").read_bytes()
     keys = [k for k, _ in _sstable.read_table(index)]

@@ -630,25 +630,31 @@ def encode_strings(values: list[bytes]) -> bytes:
 def updated_graph(ckpt: Checkpoint, bundle: Bundle, graph: StringEntry) -> bytes | None:
     """The object graph with each variable's `checkpoint_key` following a rename, and the
     attributes of removed tensors dropped (None: nothing changed, the stored bytes are kept)."""
-    current = {t.attrs["tf_key"]: t.name for t in ckpt.tensors if "tf_key" in t.attrs}
+    current = {t.attrs["tf_key"].encode(): t.name.encode() for t in ckpt.tensors if "tf_key" in t.attrs}
     if all(old == new for old, new in current.items()) and len(current) == len(bundle.tensor_keys):
         return None
-    (raw,) = graph.values()
-    nodes = []
-    for number, wire, value in fields(raw):
-        if number == 1 and wire == 2:
-            node = []
-            for n, w, v in fields(value):
-                if n == 2 and w == 2:  # SerializedTensor {name, full_name, checkpoint_key}
-                    attribute = fields(v)
-                    key = next((x.decode() for k, t, x in attribute if k == 3 and t == 2), None)
-                    if key in current:
-                        v = encode([(k, t, current[key].encode() if k == 3 else x) for k, t, x in attribute])
-                    elif key in bundle.tensor_keys:
-                        continue  # removed
-                node.append((n, w, v))
-            value = encode(node)
-        nodes.append((number, wire, value))
+    if graph.shape != ():
+        raise FormatError(f"{OBJECT_GRAPH} is not a scalar string", graph.storage.path)
+    removed = {key.encode() for key in bundle.tensor_keys} - set(current)
+    try:
+        (raw,) = graph.values()
+        nodes = []
+        for number, wire, value in fields(raw):
+            if number == 1 and wire == 2:
+                node = []
+                for n, w, v in fields(value):
+                    if n == 2 and w == 2:  # SerializedTensor {name, full_name, checkpoint_key}
+                        attribute = fields(v)
+                        key = next((x for k, t, x in attribute if k == 3 and t == 2), None)
+                        if key in removed:
+                            continue
+                        if key in current:
+                            v = encode([(k, t, current[key] if k == 3 and t == 2 else x) for k, t, x in attribute])
+                    node.append((n, w, v))
+                value = encode(node)
+            nodes.append((number, wire, value))
+    except FormatError as e:
+        raise FormatError(f"{OBJECT_GRAPH}: {e.message}", graph.storage.path) from None
     return encode(nodes)
 
 
