@@ -487,7 +487,8 @@ def reset(ckpt: Checkpoint, states: list[OptimizerState], edited: list[Tensor]) 
             for t in slot.tensors.values():
                 zero(ckpt, t, param.shape if t.shape else t.shape)  # moments follow the parameter; a step is 0-d
             shape = f" at {list(param.shape)}" if resized else ""
-            notes.append(f"{opt.label}: state of {slot.name} (index {slot.index}) reset: moments 0{shape}, step 0")
+            step = ", step 0" if "step" in slot.tensors else " (its step count is the optimizer's, shared: kept)"
+            notes.append(f"{opt.label}: state of {slot.name} (index {slot.index}) reset: moments 0{shape}{step}")
     return notes
 
 

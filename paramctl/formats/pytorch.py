@@ -1010,7 +1010,8 @@ def non_tensor_entries(ckpt: Checkpoint) -> dict[str, Any]:
 
 def _describe(node: Any) -> str:
     if isinstance(node, Opaque):
-        return f"opaque {node.global_name} (not loaded)"
+        value = opaque_value(node)
+        return f"opaque {node.global_name}{f' {value}' if value else ''} (not loaded)"
     if isinstance(node, TorchDtype):
         return f"torch.{node.name}"
     if isinstance(node, TorchDevice):
@@ -1020,6 +1021,28 @@ def _describe(node: Any) -> str:
     if isinstance(node, (dict, list, tuple)):
         return repr(node)
     return f"{type(node).__name__}: {node!r:.200}"
+
+
+def opaque_value(node: Opaque) -> str:
+    """What a data-only object holds, for `info`, rebuilt from its recorded arguments as plain
+    values (never by calling its class): a numpy scalar's value, a datetime, a path."""
+    args = node.args
+    if node.qualname == "scalar" and node.data_only and len(args) == 2 and isinstance(args[1], bytes):
+        dtype = args[0]
+        name = NUMPY_DTYPES.get(dtype.args[0]) if isinstance(dtype, Opaque) and dtype.args else None
+        if name is not None and len(args[1]) == itemsize(name) and name != "bool":
+            import numpy as np
+
+            return f"{name} {np.frombuffer(args[1], name)[0].item()!r}"
+    if node.global_name == "datetime.datetime" and args and isinstance(args[0], bytes) and len(args[0]) == 10:
+        b = args[0]
+        year = b[0] * 256 + b[1]
+        return f"{year:04}-{b[2]:02}-{b[3]:02} {b[4]:02}:{b[5]:02}:{b[6]:02}"
+    if node.module in ("pathlib", "pathlib._local") and node.data_only and all(isinstance(a, str) for a in args):
+        return repr("/".join(args).replace("//", "/"))
+    if node.kind == "reduce" and not node.data_only and len(args) == 1:  # an enum member: its value
+        return f"({args[0]!r:.80})"
+    return ""
 
 
 # --- registration --------------------------------------------------------------------------------
