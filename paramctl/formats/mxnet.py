@@ -38,7 +38,7 @@ from typing import BinaryIO
 from paramctl.dtypes import itemsize
 from paramctl.errors import FormatError, UsageError
 from paramctl.formats import Format, Probe, dropped_entries, register
-from paramctl.table import Checkpoint, Storage, Tensor, check_shape
+from paramctl.table import INT64_MAX, Checkpoint, Storage, Tensor, check_shape
 
 FILE_MAGIC = 0x112
 V1_MAGIC, V2_MAGIC, V3_MAGIC = 0xF993FAC8, 0xF993FAC9, 0xF993FACA
@@ -143,9 +143,9 @@ def _data(cur: _Cursor, shape: tuple[int, ...], flag: int, label: str) -> tuple[
     if dtype is None:
         raise FormatError(f"{label} has type flag {flag}, which MXNet 1.9.1 refuses ('Unknown type enum')", cur.path)
     check_shape(label, shape, cur.path)
-    nbytes = itemsize(dtype)
-    for n in shape:
-        nbytes *= n
+    if math.prod(max(n, 1) for n in shape) * itemsize(dtype) > INT64_MAX:  # numpy cannot hold it even empty
+        raise FormatError(f"{label} has a shape too large to index, {list(shape)}", cur.path)
+    nbytes = math.prod(shape) * itemsize(dtype)
     offset = cur.pos
     cur.skip(nbytes, f"{label}'s data ({list(shape)} {dtype})")
     return dtype, offset
