@@ -294,7 +294,10 @@ def test_a_dcp_directory_is_never_overwritten_in_another_format(dcp_dirs, tmp_pa
     before = sorted(os.listdir(copy))
     result = run("rm", str(copy), "nested.*", "--in-place", "--to", "safetensors")
     assert result.exit_code == 2
-    assert "is read-only in paramctl: convert to .pt or safetensors" in result.stderr
+    assert result.stderr.splitlines()[-1] + "\n" == (
+        f"paramctl: error: {copy}: a torch.distributed.checkpoint directory (.metadata + .distcp) is not "
+        "replaced in place by safetensors: write to another path (-o)\n"
+    )
     assert sorted(os.listdir(copy)) == before
 
 
@@ -329,3 +332,55 @@ def test_metadata_pointing_outside_its_directory_is_refused(dcp_dirs, tmp_path):
     result = run("ls", str(directory))
     assert result.exit_code == 2
     assert "a storage file outside the checkpoint directory: '../elsewhere.distcp'" in result.stderr
+
+
+def test_edits_write_a_dcp_directory_that_dcp_load_reads(dcp_dirs, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dcp_dirs["nested"], copy)
+    (copy / "notes.txt").write_text("kept")
+    result = run("rename", str(copy), "s/^model\\./net./", "--in-place")
+    assert result.exit_code == 0 and result.stderr == ""
+    assert sorted(os.listdir(copy)) == [".metadata", "__0_0.distcp", "notes.txt"]
+    assert not [p for p in os.listdir(tmp_path) if "paramctl" in p]
+    source = reference(dcp_dirs["nested"])
+    template = {"net": {k: torch.zeros_like(v) for k, v in source["model"].items()}, "epoch": 0, "pair": None}
+    template["optim"] = {
+        "state": {k: {n: torch.zeros_like(v) for n, v in s.items()} for k, s in source["optim"]["state"].items()}
+    }
+    dcp.load(template, checkpoint_id=str(copy))
+    assert same_object(template["net"], source["model"]) and template["epoch"] == 3 and template["pair"] == (1, "x")
+    assert same_object(template["optim"]["state"], source["optim"]["state"])
+    # the rest of the table is as it was: the same rows, the renamed ones under their new names
+    renamed = {r["name"].replace("net.", "model.", 1): r for r in ls(copy)}
+    assert sorted(renamed) == sorted(r["name"] for r in ls(dcp_dirs["nested"]))
+
+
+def test_convert_and_cast_into_dcp(dcp_dirs, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    model, _ = trained()
+    pt = tmp_path / "model.pt"
+    torch.save(model.state_dict(), pt)
+    out = tmp_path / "out"
+    result = run("convert", str(pt), str(out), "--to", "dcp")
+    assert result.exit_code == 0, result.stderr
+    template = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    dcp.load(template, checkpoint_id=str(out))
+    assert same_object(template, model.state_dict())
+    half = tmp_path / "half"
+    assert run("cast", str(out), "--dtype", "bfloat16", "-o", str(half), "--to", "dcp").exit_code == 0
+    assert {r["dtype"] for r in ls(half) if r["name"] != "1.num_batches_tracked"} == {"bfloat16"}
+    loaded = {
+        k: torch.zeros_like(v, dtype=torch.bfloat16) if v.is_floating_point() else torch.zeros_like(v)
+        for k, v in model.state_dict().items()
+    }
+    dcp.load(loaded, checkpoint_id=str(half))
+    assert torch.equal(loaded["0.weight"], model.state_dict()["0.weight"].to(torch.bfloat16))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    result = run("convert", str(pt), str(other), "--to", "dcp")
+    assert result.exit_code == 2 and "a directory that is not a DCP checkpoint" in result.stderr
+    assert os.listdir(other) == ["config.json"]

@@ -255,18 +255,23 @@ def writes_shards(path: str, shard_size: int | None = None) -> bool:
 
 
 def refuse_overwriting_read_only(ckpt: Checkpoint, path: str, fmt: str) -> None:
-    """Refuse to replace a checkpoint read in a format paramctl does not write (a TorchScript
-    archive named `.pt`, a DCP directory) with one of another format: its code or layout would
-    be lost in place."""
+    """Refuse to replace in place, with another format, a checkpoint read in a format paramctl
+    does not write (a TorchScript archive named `.pt`: its code would be lost) or one made of
+    several files (a DCP or TensorFlow directory: the new file would sit beside the old ones,
+    which are still what the directory is read as)."""
     source = FORMATS.get(ckpt.format)
     writes_itself = ckpt.format == "sharded"  # a sharded set is written back as shards (see save)
-    if source is None or source.save is not None or writes_itself or path == "-" or not ckpt.path:
+    if source is None or fmt == ckpt.format or writes_itself or path == "-" or not ckpt.path:
+        return
+    if source.save is not None and not source.writes_files:
         return
     same = False
     with contextlib.suppress(OSError):
         same = os.path.exists(path) and os.path.samefile(path, ckpt.path)
-    if same:
+    if same and source.save is None:
         raise UsageError(f"{source.description} is read-only in paramctl: convert to .pt or safetensors", path)
+    if same:
+        raise UsageError(f"a {source.description} is not replaced in place by {fmt}: write to another path (-o)", path)
 
 
 def save(ckpt: Checkpoint, path: str, fmt: str | None = None, shard_size: int | None = None) -> None:

@@ -25,14 +25,17 @@ import functools
 import io
 import math
 import os
+import pickle
 import re
+import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from paramctl.dtypes import ITEMSIZE, itemsize
-from paramctl.errors import FormatError, UnsafeContentError
-from paramctl.formats import Format, Probe, register
+from paramctl.errors import FormatError, ParamctlError, UnsafeContentError, UsageError
+from paramctl.formats import Format, Probe, dropped_entries, register
 from paramctl.formats.pytorch import (
     ADMITTED,
     POSITION,
@@ -577,14 +580,94 @@ def non_tensor_entries(ckpt: Checkpoint) -> dict[str, Any]:
     return walk(Checkpoint(ckpt.source, "pt", [], extra=ckpt.extra.objects))
 
 
+# --- writing: torch's own dcp.save, into a new directory swapped into place -----------------------
+
+
+def save(ckpt: Checkpoint, target: str) -> None:
+    """Write CKPT as a DCP directory at TARGET with `torch.distributed.checkpoint.save` (one
+    process, no process group): a DCP source keeps its nesting and non-tensor items, so
+    `dcp.load` with the training script's state dict finds every name; other sources are their
+    tensors under their names. The directory is written beside TARGET and swapped into place
+    once complete; files in an existing TARGET other than DCP's own are kept."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from paramctl.dtypes import torch_dtype
+    from paramctl.formats.pytorch import _to_torch_objects, arrange
+
+    if target == "-":
+        raise UsageError("a DCP checkpoint is a directory: name one with -o DIR --to dcp")
+    existing = os.path.isdir(target)
+    if os.path.exists(target) and not existing:
+        raise UsageError("a DCP checkpoint is a directory, and a file of that name exists", target)
+    if existing and os.listdir(target) and not os.path.isfile(os.path.join(target, METADATA)):
+        raise UsageError("a directory that is not a DCP checkpoint: name a new or empty one", target)
+    made: dict[int, torch.Tensor] = {}
+    tied: dict[str, torch.Tensor] = {}
+
+    def convert(t: Tensor) -> torch.Tensor:
+        if t.tie is not None and t.tie in tied:
+            return tied[t.tie]
+        if id(t) not in made:
+            empty = torch.empty(t.shape, dtype=torch_dtype(t.dtype))
+            raw = bytearray(t.tobytes()) if t.numel else b""
+            made[id(t)] = torch.frombuffer(raw, dtype=empty.dtype).reshape(t.shape) if raw else empty
+        if t.tie is not None:
+            tied[t.tie] = made[id(t)]
+        return made[id(t)]
+
+    tree = ckpt.extra.pt_object if ckpt.format == "dcp" else None
+    state = (
+        _to_torch_objects(arrange(tree, ckpt.tensors), convert)
+        if tree is not None
+        else {t.name: convert(t) for t in ckpt.tensors}
+    )
+    directory = os.path.dirname(os.path.abspath(target))
+    name = os.path.basename(os.path.abspath(target))
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".paramctl-tmp", dir=directory)
+    old = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "torch.distributed is disabled ... a single process"
+            dcp.save(state, checkpoint_id=tmp)
+        if existing:
+            for kept in os.listdir(target):
+                if kept != METADATA and not kept.endswith(".distcp"):
+                    os.replace(os.path.join(target, kept), os.path.join(tmp, kept))
+            old = tempfile.mkdtemp(prefix=f".{name}.", suffix=".paramctl-old", dir=directory)
+            os.replace(target, os.path.join(old, name))
+        os.replace(tmp, target)
+    except (pickle.PicklingError, TypeError, AttributeError) as e:
+        raise FormatError(f"cannot write a non-tensor entry into DCP: {e}", target) from None
+    except OSError as e:
+        raise ParamctlError(f"cannot write: {e.strerror or e}", target) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _losses(ckpt: Checkpoint, sharded: bool) -> list[str]:
+    lost = [] if ckpt.format == "dcp" else dropped_entries(ckpt, "dcp")
+    groups = ckpt.tie_groups()
+    if groups:
+        lost.append(f"dcp stores each name of a tie group as its own copy ({len(groups)} groups)")
+    return lost
+
+
 register(
     Format(
         name="dcp",
         description="torch.distributed.checkpoint directory (.metadata + .distcp)",
         load=load,
+        save=save,
         accept=_accept,
         accept_path=_accept_path,
+        losses=_losses,
         entries=non_tensor_entries,
+        writes_files=True,
         priority=10,
     )
 )
