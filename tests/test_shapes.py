@@ -84,6 +84,8 @@ def test_refusals(mlp_file, tmp_path):
     assert alone.exit_code == 2 and "give --shape, --out or --in" in alone.stderr
     bad = run("reinit", str(mlp_file), "^0\\.", "--shape", "3,a", "--init", "zeros", "-o", out)
     assert bad.exit_code == 2 and "invalid shape '3,a'" in bad.stderr
+    everything = run("reinit", str(mlp_file), "--out", "3", "--init", "zeros", "-o", out)
+    assert everything.exit_code == 2 and "select the layer with PATTERN" in everything.stderr
 
 
 def tiny_bert(num_labels: int):
@@ -197,7 +199,9 @@ def test_keras_dense_output_and_input(tmp_path):
     assert "layers/dense_1/vars/0: [8, 3] -> [8, 7]" in stderr and "layers/dense_1/vars/1: [3] -> [7]" in stderr
     out = tmp_path / "out.weights.h5"
     reinit(str(mid), "^layers/dense/", "--out", "6", "--init", "xavier", "-o", str(mid.with_name("h.weights.h5")))
-    reinit(str(mid.with_name("h.weights.h5")), "^layers/dense_1/vars/0", "--in", "6", "--init", "xavier", "-o", str(out))
+    reinit(
+        str(mid.with_name("h.weights.h5")), "^layers/dense_1/vars/0", "--in", "6", "--init", "xavier", "-o", str(out)
+    )
     grown = build(6, 7)
     grown.load_weights(out)
     kernel = np.asarray(grown.layers[1].kernel)

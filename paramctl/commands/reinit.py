@@ -156,6 +156,8 @@ def new_shapes(
         if keep:
             raise UsageError("--keep keeps old values under a new shape: give --shape, --out or --in")
         return []
+    if len(tensors) == len(table.tensors):
+        raise UsageError("a new shape for every tensor: select the layer with PATTERN", table.source)
     resizes = plan_resizes(table, tensors, layout, parse_shape(shape) if shape else None, out, in_)
     for r in resizes:
         tied = [t.name for t in table if t is not r.tensor and t.tie is not None and t.tie == r.tensor.tie]

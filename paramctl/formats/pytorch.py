@@ -732,7 +732,10 @@ def _pickle_module(records: Callable[[Any], Any]) -> Any:
     return types.SimpleNamespace(__name__=__name__, Pickler=pickler, dump=pickle.dump)
 
 
-class OpaquePickler(pickle._Pickler):
+_PurePickler: Any = pickle._Pickler  # the Python pickler: its save() can be extended (typeshed does not declare it)
+
+
+class OpaquePickler(_PurePickler):
     """The pickler torch.save writes with: opaque objects are emitted with the opcodes they were
     read from (the class as a GLOBAL, the recorded construction, items and BUILD state), so
     `torch.load(weights_only=False)` builds the same object, and `weights_only=True` refuses
