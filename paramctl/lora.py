@@ -166,3 +166,74 @@ def folded(w: Tensor, a: Tensor, b: Tensor, scale: float, transpose: bool) -> Ch
             yield out.reshape(-1)
 
     return produce
+
+
+# --- extracting an adapter: the truncated SVD of a fine-tune's differences ----------------------
+
+
+def extract(
+    base: Checkpoint, tuned: Checkpoint, rank: int, pattern: str | None = None, fan_in_fan_out: bool = False
+) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
+    """A LoRA adapter approximating TUNED - BASE: (adapter_config, peft-named tensors, names of the
+    differing tensors it cannot hold). Each 2-D `*.weight` that PATTERN selects (all by default)
+    and that differs becomes B @ A, the best rank-RANK approximation of its difference (the
+    truncated SVD, singular values split evenly between B and A), with lora_alpha = r (scale 1).
+    FAN_IN_FAN_OUT: the weights are stored (in, out), as GPT-2's Conv1D stores them."""
+    import numpy as np
+
+    from paramctl.table import compile_pattern
+
+    if rank < 1:
+        raise UsageError(f"--rank must be at least 1, not {rank}")
+    keep = compile_pattern(pattern) if pattern else None
+    in_base = {t.name: t for t in base.tensors}
+    tensors: dict[str, np.ndarray] = {}
+    targets: list[str] = []
+    left_out: list[str] = []
+    done: set[tuple] = set()
+    for t in tuned.tensors:
+        b = in_base.get(t.name)
+        if b is None or b.shape != t.shape or (keep and not keep.search(t.name)) or t.view_key() in done:
+            continue
+        done.add(t.view_key())
+        delta = t.array().astype(np.float32) - b.array().astype(np.float32)
+        if not np.any(delta):
+            continue
+        if len(t.shape) != 2 or not t.name.endswith(".weight"):
+            left_out.append(t.name)
+            continue
+        matrix = delta.T if fan_in_fan_out else delta  # (out, in), as B @ A is
+        u, s, vh = np.linalg.svd(matrix, full_matrices=False)
+        r = min(rank, s.size)
+        root = np.sqrt(s[:r])
+        module = t.name.removesuffix(".weight")
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(root[:, None] * vh[:r])
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(u[:, :r] * root[None, :])
+        targets.append(module)
+    if not targets:
+        raise UsageError("no 2-D weight differs between the two checkpoints: nothing to extract", tuned.source)
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": rank,
+        "target_modules": targets,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+        "task_type": None,
+    }
+    return config, tensors, left_out
+
+
+def write_adapter(directory: str, config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    """ADAPTER_DIR with adapter_config.json and adapter_model.safetensors, each written atomically."""
+    from paramctl.formats import atomic_path, save
+    from paramctl.table import tensor_from_array
+
+    os.makedirs(directory, exist_ok=True)
+    table = Checkpoint(directory, "safetensors", [tensor_from_array(k, v) for k, v in tensors.items()])
+    save(table, os.path.join(directory, "adapter_model.safetensors"), "safetensors")
+    with atomic_path(os.path.join(directory, "adapter_config.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)

@@ -377,3 +377,71 @@ def test_lora_refuses_dora_and_non_adapters(models, lora_cases, tmp_path):
     result = run("merge", "--lora", str(root / "plain"), str(models["base"]), str(models["ft1"]), "-o", out)
     assert result.exit_code == 2 and "one base model" in result.output
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# --- lora extract --------------------------------------------------------------------------------
+
+
+def test_lora_extract_loads_in_peft_and_reproduces_a_low_rank_fine_tune(tmp_path):
+    """A Llama fine-tune whose q/v projections moved by rank-2 updates: the rank-2 adapter that
+    paramctl extracts, loaded by PeftModel.from_pretrained on the base, gives the tuned logits."""
+    from peft import PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, intermediate_size=64,
+        vocab_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).eval()
+    base.save_pretrained(tmp_path / "base")
+    tuned = LlamaForCausalLM(config).eval()
+    tuned.load_state_dict(base.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if name.endswith(("q_proj.weight", "v_proj.weight")):
+                p.add_(torch.randn(p.shape[0], 2, generator=gen) @ torch.randn(2, p.shape[1], generator=gen) * 0.05)
+    tuned.save_pretrained(tmp_path / "tuned")
+    result = run(
+        "lora", "extract", str(tmp_path / "base" / "model.safetensors"), str(tmp_path / "tuned" / "model.safetensors"),
+        "--rank", "2", "-o", str(tmp_path / "adapter"),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "rank 2 on 4 modules" in result.output
+    ids = torch.arange(24).reshape(2, 12) % 64
+    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model.eval()(ids).logits, tuned(ids).logits, rtol=1e-4, atol=1e-4)
+    # folding it back gives the tuned weights
+    out = tmp_path / "back.safetensors"
+    assert (
+        run(
+            "merge", "--lora", str(tmp_path / "adapter"), str(tmp_path / "base" / "model.safetensors"), "-o", str(out)
+        ).exit_code
+        == 0
+    )
+    back, want = arrays(out), arrays(tmp_path / "tuned" / "model.safetensors")
+    for name in want:
+        np.testing.assert_allclose(back[name], want[name], rtol=1e-4, atol=1e-5)
+
+
+def test_lora_extract_gpt2_conv1d_is_the_best_rank_r_approximation(models, tmp_path):
+    """GPT-2 stores (in, out): --fan-in-fan-out. Full-rank differences become their best rank-3
+    approximation (Eckart-Young: the truncated SVD); a changed layer norm is named and left out."""
+    result = run(
+        "lora", "extract", str(models["base"]), str(models["ft1"]), "-r", "3", "-p", r"attn\.c_attn|ln_1",
+        "--fan-in-fan-out", "-o", str(tmp_path / "adapter"),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "6 changed tensors are not 2-D weights, left out: transformer.h.0.attn.c_attn.bias" in result.output
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    assert config["fan_in_fan_out"] is True and config["r"] == config["lora_alpha"] == 3
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    base, tuned = arrays(models["base"]), arrays(models["ft1"])
+    for module in config["target_modules"]:
+        a, b = adapter[f"base_model.model.{module}.lora_A.weight"], adapter[f"base_model.model.{module}.lora_B.weight"]
+        delta = (tuned[module + ".weight"] - base[module + ".weight"]).T.astype(np.float64)
+        u, s, vh = np.linalg.svd(delta, full_matrices=False)
+        np.testing.assert_allclose(b @ a, (u[:, :3] * s[:3]) @ vh[:3], atol=1e-5)

@@ -102,3 +102,40 @@ def merge_command(
     if output.stderr_is_terminal():
         output.note(f"merging {len(merged)} tensors ({method if lora is None else 'lora'})")
     write_checkpoint(merged, output_path, to, shard_size)
+
+
+@cli.group("lora")
+def lora_group() -> None:
+    """LoRA adapters: extract one from a fine-tune (merge --lora folds one into its base)."""
+
+
+@lora_group.command("extract")
+@click.argument("base", metavar="BASE")
+@click.argument("tuned", metavar="TUNED")
+@click.option("--rank", "-r", type=click.IntRange(min=1), required=True, help="Rank of the adapter.")
+@click.option("--pattern", "-p", metavar="PATTERN", help="Only the weights whose names match PATTERN (a regex).")
+@click.option("--fan-in-fan-out", is_flag=True, help="Weights are stored (in, out), as GPT-2's Conv1D stores them.")
+@click.option("--output", "-o", "output_path", required=True, metavar="ADAPTER_DIR", help="Directory to write.")
+def lora_extract_command(
+    base: str, tuned: str, rank: int, pattern: str | None, fan_in_fan_out: bool, output_path: str
+) -> None:
+    """Write a peft LoRA adapter approximating TUNED - BASE (truncated SVD of each 2-D weight).
+
+    Every 2-D `*.weight` that differs becomes lora_B @ lora_A, the best rank-R approximation of
+    its difference, with lora_alpha = r (scale 1); the adapter loads with
+    PeftModel.from_pretrained(base_model, ADAPTER_DIR). Differences LoRA cannot hold (biases,
+    norms) are named on stderr and left out.
+
+    \b
+    Example:
+      paramctl lora extract base/model.safetensors tuned/model.safetensors --rank 16 -o adapter/
+      paramctl lora extract base/ tuned/ -r 8 -p 'self_attn' -o adapter/
+    """
+    from paramctl.lora import extract, write_adapter
+
+    config, tensors, left_out = extract(load(base), load(tuned), rank, pattern, fan_in_fan_out)
+    if left_out:
+        shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+        output.note(f"warning: {len(left_out)} changed tensors are not 2-D weights, left out: {shown}")
+    write_adapter(output_path, config, tensors)
+    output.note(f"wrote {output_path}: rank {rank} on {len(config['target_modules'])} modules")
