@@ -13,7 +13,8 @@ same restricted unpickler when `info` or a conversion asks for them.
 
 Rows are named by the flattened names (`model.0.weight`, `optim.state.0.exp_avg`) that
 `dcp_to_torch_save` nests back into dicts and lists; writing a `.pt` rebuilds that nesting, so
-the file holds what `dcp_to_torch_save` writes. paramctl does not write DCP.
+the file holds what `dcp_to_torch_save` writes. Writing DCP goes through torch's own `dcp.save`
+(one process, no process group), so `dcp.load` reads whatever paramctl writes.
 
 A lone `.distcp` file is never read as a `.pt` (it would show the last archive only): it is
 refused, naming the directory to open.
