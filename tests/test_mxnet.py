@@ -107,11 +107,11 @@ REFUSED = {
 
 HOSTILE = {
     "count": (nd_file([], [], count=2**60), "claims 1152921504606846976 arrays"),
-    "ndim": (struct.pack("<QQQIii", 0x112, 0, 1, V2, 0, 2**30), "claims 1073741824 dimensions"),
+    "ndim": (struct.pack("<QQQIii", 0x112, 0, 1, V2, 0, 2**30) + bytes(16), "claims 1073741824 dimensions"),
     "huge shape": (nd_file([record((2**40, 2**20), 0, b"")], ["a"]), "truncated: array #0's data"),
     "64-bit product": (nd_file([record((2**62, 2**62), 0, b"")], ["a"]), "exceeds 64 bits"),
     "empty but too large": (nd_file([record((0, 2**61), 0, b"")], ["a"]), "shape too large to index"),
-    "pre-V1 ndim": (struct.pack("<QQQI", 0x112, 0, 1, 0x7FFFFFFF) + bytes(8), "no NDArray magic"),
+    "pre-V1 ndim": (struct.pack("<QQQI", 0x112, 0, 1, 0x7FFFFFFF) + bytes(24), "no NDArray magic"),
     "name length": (nd_file([record((1,), 0, f32(1))], [])[:-8] + struct.pack("<QQ", 1, 2**62), "name 0 needs"),
     "sparse unknown shape": (
         nd_file([struct.pack("<Iii", V2, 1, -1) + b"\0" * 16], ["a"]),

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -60,7 +61,7 @@ SPARSE = {1: "row_sparse", 2: "csr"}  # storage type -> its name; the number of 
 AUX_ARRAYS = {0: 0, 1: 1, 2: 2}
 CPU = (1, 0)  # (dev_type, dev_id) of cpu(0)
 CONTEXT = "mxnet_context"  # Tensor.attrs key: a record's (dev_type, dev_id) when not cpu(0)
-MIN_RECORD = 4  # a pre-V1 0-d record's ndim word alone: the smallest a record can be
+MIN_RECORD = 17  # the smallest record nd.load returns: a pre-V1 0-d bool (ndim, device, type flag, 1 byte)
 
 
 @dataclass
@@ -184,9 +185,9 @@ def _record(cur: _Cursor, label: str) -> _Record:
         return _Record(shape, dtype, offset, version, context)
     # sparse: read past it (storage shape's values, then each aux array) to learn its name
     aux = [(cur.i32(f"{label}'s aux type"), _wide_shape(cur, f"{label}'s aux")) for _ in range(AUX_ARRAYS[stype])]
-    if stored is None or any(s is None for _, s in aux):
+    if any(s is None for _, s in aux):
         raise FormatError(f"{label} is {SPARSE[stype]} (sparse) with an unknown aux shape", cur.path)
-    dtype, offset = _data(cur, stored, flag, label)
+    dtype, offset = _data(cur, stored or (), flag, label)
     for aux_flag, aux_shape in aux:
         _data(cur, aux_shape or (), aux_flag, f"{label}'s aux array")
     return _Record(shape, dtype, offset, version, context, sparse=SPARSE[stype])
@@ -232,7 +233,7 @@ def read_records(path: str) -> tuple[list[_Record], list[str] | None]:
                 path,
             )
     if names is not None and len(set(names)) != len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
+        twice = sorted(n for n, k in Counter(names).items() if k > 1)
         raise FormatError(f"names {twice[:5]} appear more than once (nd.load would keep only the last)", path)
     return records, names
 
@@ -269,6 +270,10 @@ def save(ckpt: Checkpoint, path: str) -> None:
             )
     source = _source_file(ckpt)
     names = [t.name for t in ckpt.tensors]
+    try:
+        encoded = [name.encode("utf-8") for name in names]
+    except UnicodeEncodeError as e:
+        raise UsageError(f"MXNet cannot store a name that is not UTF-8: {e.object!r}") from None
     as_list = source is not None and source.is_list and names == [str(i) for i in range(len(names))]
     magic = V3_MAGIC if writes_np_shape(ckpt) else V2_MAGIC
     with open(path, "wb") as f:
@@ -282,8 +287,7 @@ def save(ckpt: Checkpoint, path: str) -> None:
                 f.write(np.ascontiguousarray(chunk).view(np.uint8).data)
         f.write(struct.pack("<Q", 0 if as_list else len(names)))
         if not as_list:
-            for name in names:
-                raw = name.encode("utf-8", "surrogatepass")
+            for raw in encoded:
                 f.write(struct.pack("<Q", len(raw)) + raw)
 
 
