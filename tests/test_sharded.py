@@ -307,3 +307,21 @@ def test_weights_written_into_a_directory_keep_the_sources_name(tmp_path, source
     assert result.exit_code == 0, result.stderr
     assert os.listdir(out) == [name]
     assert ls(out / name) == ls(SAMPLES / "mlp.pt")
+
+
+def test_a_directory_is_not_replaced_in_place_by_another_format(tmp_path):
+    """pytorch_model.bin written beside model.safetensors would leave the old weights where
+    from_pretrained looks first: refused, nothing written."""
+    directory = tmp_path / "hf"
+    assert run("convert", str(SAMPLES / "mlp.pt"), str(directory / "model.safetensors")).exit_code == 0
+    (directory / "config.json").write_text("{}")
+    result = run("cast", str(directory), "--dtype", "float16", "--in-place", "--to", "pt")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"paramctl: error: {directory}: its safetensors weights are not replaced in place by pt (a loader would "
+        "still read them): write to another directory (-o)\n"
+    )
+    assert sorted(os.listdir(directory)) == ["config.json", "model.safetensors"]
+    assert run("cast", str(directory), "--dtype", "float16", "--in-place").exit_code == 0
+    assert sorted(os.listdir(directory)) == ["config.json", "model.safetensors"]
+    assert {r["dtype"] for r in ls(directory)} == {"float16"}

@@ -302,6 +302,7 @@ def save(ckpt: Checkpoint, target: str, fmt: str, shard_size: int | None = None)
 
     if target == "-":
         raise UsageError("a sharded checkpoint is several files: name an index path or a directory, not '-'")
+    refuse_another_format_in_place(ckpt, target, fmt)
     source = ckpt.extra if isinstance(ckpt.extra, ShardedSource) else None
     resplit = source is None or shard_size is not None
     one_file = fmt not in SHARD_FORMATS or len(split(ckpt.tensors, shard_size or DEFAULT_SHARD_SIZE)) == 1
@@ -319,6 +320,29 @@ def save(ckpt: Checkpoint, target: str, fmt: str, shard_size: int | None = None)
     if into_directory(target):
         remove_previous(target, os.path.basename(index).removesuffix(INDEX_SUFFIX), written)
     copy_companions(ckpt, os.path.dirname(os.path.abspath(index)))
+
+
+def refuse_another_format_in_place(ckpt: Checkpoint, target: str, fmt: str) -> None:
+    """Refuse to write FMT into the directory CKPT was read from when it holds CKPT in another
+    format: the weights read would stay beside the new ones, and a loader read them first (a
+    save_pretrained directory), or the directory would mix two checkpoints (DCP)."""
+    from paramctl.formats import get
+
+    same = False
+    with contextlib.suppress(OSError):
+        same = os.path.isdir(ckpt.source) and os.path.isdir(target) and os.path.samefile(ckpt.source, target)
+    read = ckpt.extra.shard_format if isinstance(ckpt.extra, ShardedSource) else ckpt.format
+    if not same or read == fmt:
+        return
+    if ckpt.format in ("sharded", *SHARD_FORMATS):  # a save_pretrained directory
+        raise UsageError(
+            f"its {read} weights are not replaced in place by {fmt} (a loader would still read them): "
+            "write to another directory (-o)",
+            target,
+        )
+    raise UsageError(
+        f"a {get(ckpt.format).description} is not replaced in place by {fmt}: write to another path (-o)", target
+    )
 
 
 def remove_previous(directory: str, name: str, written: set[str]) -> None:
