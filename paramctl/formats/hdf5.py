@@ -511,7 +511,11 @@ def write_file(ckpt: Checkpoint, path: str, image: H5Image | None) -> None:
         out: Any = stack.enter_context(open(path, "w+b")) if path.startswith("/proc/self/fd/") else path
         dst = stack.enter_context(h5py.File(out, "w", track_order=tracks_order(src["/"]) if src else True))
         if src is not None:
-            written = copy_structure(src, dst, rows)
+            try:
+                written = copy_structure(src, dst, rows)
+            except (RuntimeError, KeyError, ValueError, TypeError) as e:  # h5py on damage paramctl read past
+                assert image is not None
+                raise FormatError(f"cannot copy the file's structure: {str(e).splitlines()[0]}", image.path) from None
         for t in ckpt.tensors:
             if t.name not in written:
                 write_tensor(dst, t, None)

@@ -491,7 +491,7 @@ def load_zip(path: str, source: str) -> Checkpoint:
 # saved under two keys gives two sets of rows), so memo sharing could make it exponential (a list
 # DAG of 64 levels in 600 bytes): it may visit at most this many entries per byte of the file.
 WALK_PER_BYTE = 4
-WALK_MIN = 1 << 20
+WALK_MIN = 1 << 16
 # the rows may claim at most this many times the file's bytes (ties and views over one storage)
 CLAIM_PER_BYTE = 16
 CLAIM_MIN = 1 << 26
