@@ -250,60 +250,6 @@ def tf_workloads(size_mb: int) -> list[Workload]:
     return [Workload("ls TF checkpoint", PARAMCTL + ["ls", str(prefix)], anchor, "tf.list_variables", 0.1)]
 
 
-# merge: a linear merge (the mean) of two 1 GiB checkpoints, streamed, against the numpy one-liner
-# that loads both with safe_open (2 GiB held) and writes the mean with save_file
-NUMPY_MERGE = """
-import sys
-from safetensors import safe_open
-from safetensors.numpy import save_file
-with safe_open(sys.argv[1], "np") as fa, safe_open(sys.argv[2], "np") as fb:
-    a, b = {k: fa.get_tensor(k) for k in fa.keys()}, {k: fb.get_tensor(k) for k in fb.keys()}
-save_file({k: a[k] * 0.5 + b[k] * 0.5 for k in a}, sys.argv[3])
-"""
-
-
-def merge_workloads(p: dict[str, Path], tmp: Path) -> list[Workload]:
-    st, edited = str(p["safetensors"]), str(p["edited"])
-    return [
-        Workload(
-            "merge linear 2 x 1 GiB",
-            PARAMCTL + ["merge", st, edited, "-o", str(tmp / "ours.merged.safetensors")],
-            [PYTHON, "-c", NUMPY_MERGE, st, edited, str(tmp / "theirs.merged.safetensors")],
-            "safe_open+save_file",
-            1.5,
-            max_rss_mib=200,
-        )
-    ]
-
-
-# MXNet: paramctl's listing against nd.load + print in MXNet's environment (.venv-mx, built by
-# `make test`); the .params file is written there by nd.save, once
-MX_PYTHON = HERE.parent / ".venv-mx" / "bin" / "python"
-MX_LIST = "import sys, mxnet as mx; d = mx.nd.load(sys.argv[1]); [print(k, v.shape, v.dtype) for k, v in d.items()]"
-MX_WRITE = """
-import sys, mxnet as mx
-size_mb, path, d = int(sys.argv[1]), sys.argv[2], 1024
-shapes = {"wte.weight": (8192, d), "wpe.weight": (8192, d)}
-for i in range(max(1, (size_mb * 2**20 // 4 - 2 * 8192 * d) // (12 * d * d))):
-    shapes.update({f"h.{i}.attn.c_attn.weight": (3 * d, d), f"h.{i}.attn.c_proj.weight": (d, d)})
-    shapes.update({f"h.{i}.mlp.c_fc.weight": (4 * d, d), f"h.{i}.mlp.c_proj.weight": (d, 4 * d)})
-    shapes.update({f"h.{i}.ln_1.gamma": (d,), f"h.{i}.ln_1.beta": (d,), f"h.{i}.mlp.c_fc.bias": (4 * d,)})
-mx.nd.save(path, {name: mx.nd.random.normal(0, 0.02, shape) for name, shape in shapes.items()})
-"""
-
-
-def mx_workloads(size_mb: int) -> list[Workload]:
-    """`ls` on an MXNet .params of about SIZE_MB against nd.load + print (none without .venv-mx)."""
-    if not MX_PYTHON.exists():
-        print("no .venv-mx: skipping the MXNet workload (make .venv-mx/.installed)")
-        return []
-    path = FIXTURES / f"model-{size_mb}mb.params"
-    if not path.exists():
-        subprocess.run([str(MX_PYTHON), "-c", MX_WRITE, str(size_mb), str(path)], check=True)
-    anchor = [str(MX_PYTHON), "-c", MX_LIST, str(path)]
-    return [Workload("ls MXNet .params", PARAMCTL + ["ls", str(path)], anchor, "mx.nd.load", 0.1)]
-
-
 # torch.distributed.checkpoint: paramctl reads the DCP directory itself; a user converts it first
 # with dcp_to_torch_save, then lists (or computes on) the .pt. The directory is written once by
 # dcp.save from the .pt fixture.
@@ -337,6 +283,170 @@ def dcp_workloads(p: dict[str, Path]) -> list[Workload]:
     ]
 
 
+# GGUF: paramctl's listing against llama.cpp's own gguf-dump, on a llama-like file (a 32,000-token
+# vocabulary in its metadata, Q8_0 and F32 tensors) written once by gguf.GGUFWriter
+GGUF_WRITE = """
+import sys, numpy as np, gguf
+from gguf import GGMLQuantizationType as Q, quants
+w = gguf.GGUFWriter(sys.argv[1], "llama")
+w.add_block_count(16); w.add_context_length(4096); w.add_embedding_length(512)
+w.add_token_list([f"token{i}" for i in range(32000)])
+rng = np.random.default_rng(0)
+embd = rng.standard_normal((32000, 512)).astype(np.float32)
+w.add_tensor("token_embd.weight", quants.quantize(embd, Q.Q8_0), raw_dtype=Q.Q8_0)
+for i in range(16):
+    for part in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_up", "ffn_down", "ffn_gate"):
+        x = rng.standard_normal((512, 512)).astype(np.float32)
+        w.add_tensor(f"blk.{i}.{part}.weight", quants.quantize(x, Q.Q8_0), raw_dtype=Q.Q8_0)
+    w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(512, np.float32))
+w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+"""
+
+
+def gguf_workloads() -> list[Workload]:
+    path = FIXTURES / "llama-q8_0.gguf"
+    if not path.exists():
+        subprocess.run([PYTHON, "-c", GGUF_WRITE, str(path)], check=True)
+    dump = [str(Path(PYTHON).parent / "gguf-dump"), str(path)]
+    return [Workload("ls GGUF", PARAMCTL + ["ls", str(path)], dump, "gguf-dump", 1.0)]
+
+
+# a 100 GB sparse sharded safetensors set (20 shards of 5 GB, headers real, data holes) served over
+# loopback HTTP by a threaded server that honours Range and logs every request and byte it sends
+SHARDS = 20
+RANGE_SERVER = """
+import json, os, re, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+root, log = sys.argv[1], open(sys.argv[2], "a", buffering=1)
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def answer(self, head):
+        path = os.path.join(root, self.path.lstrip("/"))
+        size = os.path.getsize(path)
+        m = re.fullmatch(r"bytes=(\\d+)-(\\d*)", self.headers.get("Range") or "")
+        start, end = (int(m.group(1)), min(int(m.group(2) or size - 1), size - 1)) if m else (0, size - 1)
+        self.send_response(206 if m else 200)
+        if m: self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(end - start + 1)); self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        sent = 0
+        if not head:
+            with open(path, "rb") as f:
+                f.seek(start); data = f.read(end - start + 1); self.wfile.write(data); sent = len(data)
+        log.write(json.dumps([self.command, self.path, sent]) + "\\n")
+    def do_GET(self): self.answer(False)
+    def do_HEAD(self): self.answer(True)
+server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+print(server.server_port, flush=True)
+server.serve_forever()
+"""
+
+
+def sparse_sharded_set() -> Path:
+    directory = FIXTURES / "sparse-100gb-sharded"
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        return index
+    directory.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    per_shard = SPARSE_TENSORS // SHARDS
+    for s in range(SHARDS):
+        name = f"model-{s + 1:05d}-of-{SHARDS:05d}.safetensors"
+        header, offset, block = {}, 0, (100 << 30) // SPARSE_TENSORS
+        for i in range(s * per_shard, (s + 1) * per_shard):
+            header[f"layers.{i}.weight"] = {"dtype": "U8", "shape": [block], "data_offsets": [offset, offset + block]}
+            weight_map[f"layers.{i}.weight"] = name
+            offset += block
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(directory / name, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            f.truncate(8 + len(raw) + offset)
+    index.write_text(json.dumps({"metadata": {"total_size": 100 << 30}, "weight_map": weight_map}))
+    return index
+
+
+def remote_workloads(runs: int) -> tuple[list[Workload], subprocess.Popen, Path]:
+    index = sparse_sharded_set()
+    log = FIXTURES / f"range-server-{os.getpid()}.log"
+    log.unlink(missing_ok=True)
+    server = subprocess.Popen([PYTHON, "-c", RANGE_SERVER, str(index.parent), str(log)], stdout=subprocess.PIPE)
+    assert server.stdout is not None
+    url = f"http://127.0.0.1:{server.stdout.readline().decode().strip()}/{index.name}"
+    local = PARAMCTL + ["ls", str(index)]
+    return [Workload("ls 100 GB sharded, HTTP", PARAMCTL + ["ls", url], local, "local ls", 1.5)], server, log
+
+
+def report_remote(log: Path, runs: int, index: Path) -> None:
+    """Requests per shard and bytes fetched per listing, from the server's log."""
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    per_file: dict[str, int] = {}
+    for _, path, _ in entries:
+        per_file[path] = per_file.get(path, 0) + 1
+    shards = [n for n in per_file if n != "/" + index.name]
+    fetched = sum(sent for _, _, sent in entries) / runs
+    total = sum(p.stat().st_size for p in index.parent.glob("*.safetensors"))
+    print(
+        f"  HTTP per listing: {per_file.get('/' + index.name, 0) / runs:.0f} request(s) for the index, at most "
+        f"{max(per_file[n] for n in shards) / runs:.0f} per shard ({len(shards)} shards); "
+        f"{fetched / 2**10:.0f} KiB fetched of {total / 2**30:.0f} GiB ({fetched / total:.1e})"
+    )
+
+
+# MXNet: paramctl's listing against nd.load + print in MXNet's environment (.venv-mx, built by
+# `make test`); the .params file is written there by nd.save, once
+MX_PYTHON = HERE.parent / ".venv-mx" / "bin" / "python"
+MX_LIST = "import sys, mxnet as mx; d = mx.nd.load(sys.argv[1]); [print(k, v.shape, v.dtype) for k, v in d.items()]"
+MX_WRITE = """
+import sys, mxnet as mx
+size_mb, path, d = int(sys.argv[1]), sys.argv[2], 1024
+shapes = {"wte.weight": (8192, d), "wpe.weight": (8192, d)}
+for i in range(max(1, (size_mb * 2**20 // 4 - 2 * 8192 * d) // (12 * d * d))):
+    shapes.update({f"h.{i}.attn.c_attn.weight": (3 * d, d), f"h.{i}.attn.c_proj.weight": (d, d)})
+    shapes.update({f"h.{i}.mlp.c_fc.weight": (4 * d, d), f"h.{i}.mlp.c_proj.weight": (d, 4 * d)})
+    shapes.update({f"h.{i}.ln_1.gamma": (d,), f"h.{i}.ln_1.beta": (d,), f"h.{i}.mlp.c_fc.bias": (4 * d,)})
+mx.nd.save(path, {name: mx.nd.random.normal(0, 0.02, shape) for name, shape in shapes.items()})
+"""
+
+
+def mx_workloads(size_mb: int) -> list[Workload]:
+    """`ls` on an MXNet .params of about SIZE_MB against nd.load + print (none without .venv-mx)."""
+    if not MX_PYTHON.exists():
+        print("no .venv-mx: skipping the MXNet workload (make .venv-mx/.installed)")
+        return []
+    path = FIXTURES / f"model-{size_mb}mb.params"
+    if not path.exists():
+        subprocess.run([str(MX_PYTHON), "-c", MX_WRITE, str(size_mb), str(path)], check=True)
+    anchor = [str(MX_PYTHON), "-c", MX_LIST, str(path)]
+    return [Workload("ls MXNet .params", PARAMCTL + ["ls", str(path)], anchor, "mx.nd.load", 0.1)]
+
+
+# merge: a linear merge (the mean) of two 1 GiB checkpoints, streamed, against the numpy one-liner
+# that loads both with safe_open (2 GiB held) and writes the mean with save_file
+NUMPY_MERGE = """
+import sys
+from safetensors import safe_open
+from safetensors.numpy import save_file
+with safe_open(sys.argv[1], "np") as fa, safe_open(sys.argv[2], "np") as fb:
+    a, b = {k: fa.get_tensor(k) for k in fa.keys()}, {k: fb.get_tensor(k) for k in fb.keys()}
+save_file({k: a[k] * 0.5 + b[k] * 0.5 for k in a}, sys.argv[3])
+"""
+
+
+def merge_workloads(p: dict[str, Path], tmp: Path) -> list[Workload]:
+    st, edited = str(p["safetensors"]), str(p["edited"])
+    return [
+        Workload(
+            "merge linear 2 x 1 GiB",
+            PARAMCTL + ["merge", st, edited, "-o", str(tmp / "ours.merged.safetensors")],
+            [PYTHON, "-c", NUMPY_MERGE, st, edited, str(tmp / "theirs.merged.safetensors")],
+            "safe_open+save_file",
+            1.5,
+            max_rss_mib=200,
+        )
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
@@ -350,9 +460,10 @@ def main() -> None:
     # built in a child: a child forked from a process holding torch tensors would inherit their RSS
     subprocess.run([PYTHON, __file__, "--build-only", "--size-mb", str(args.size_mb)], check=True)
     paths = build_fixtures(args.size_mb)
-    chosen = workloads(paths, FIXTURES) + tf_workloads(args.size_mb) + dcp_workloads(paths)
-    chosen += merge_workloads(paths, FIXTURES)
+    remote, server, server_log = remote_workloads(args.runs)
+    chosen = workloads(paths, FIXTURES) + tf_workloads(args.size_mb) + gguf_workloads() + remote + dcp_workloads(paths)
     chosen += mx_workloads(args.size_mb)
+    chosen += merge_workloads(paths, FIXTURES)
     if args.only:
         prefixes = tuple(args.only.split(","))
         chosen = [w for w in chosen if w.name.startswith(prefixes)]
@@ -378,6 +489,10 @@ def main() -> None:
             f" {rss['ours'] / 2**20:9.0f} MiB {rss['anchor'] / 2**20:7.0f} MiB  {verdict}",
             flush=True,
         )
+        if w in remote:
+            report_remote(server_log, args.runs, sparse_sharded_set())
+    server.terminate()
+    server_log.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -1,30 +1,38 @@
 """Checkpoints at URLs (`https://`, `s3://`, any fsspec protocol), read by byte ranges.
 
 Readers open every path through `open_path` and ask `size`/`is_file` here, so a URL reads like a
-local file: a `RemoteFile` fetches only the ranges a reader asks for. Small reads fetch at least
-READ_AHEAD bytes and keep the last few blocks, so a safetensors header costs one range request
-after the size lookup, and a zip's central directory one more. Large reads (streamed tensor
-chunks) are fetched exactly. fsspec (and s3fs, aiohttp) are imported only for a URL.
+local file: a `RemoteFile` fetches only the ranges a reader asks for. A small read fetches at
+least READ_AHEAD bytes (backwards from the end of the file near its end, where a zip keeps its
+directory) and keeps what it fetched; a read that runs past what is kept fetches only the rest;
+large reads (streamed tensor chunks) are fetched exactly and not kept. A safetensors header thus
+costs one request (two past READ_AHEAD bytes).
 
-Credentials come from where the backend looks (environment, profiles, ~/.aws); they are never
-printed: messages show a URL without its user information and query string. `--cache DIR` (or
-PARAMCTL_CACHE) keeps fetched blocks on disk with fsspec's block cache, for repeat reads.
+http(s) URLs are read with the standard library's http.client (a range request answers the
+file's size too: no HEAD; redirects followed; a server that ignores Range is refused); other
+protocols go through fsspec (s3fs for s3://), imported only then. Credentials come from where
+each backend looks (the URL's user information for HTTP Basic, HF_TOKEN for huggingface.co, the
+environment and profiles for S3); messages show a URL without user information or query string.
+`--cache DIR` (or PARAMCTL_CACHE) keeps every fetched range on disk for repeat reads.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import os
 import re
 import threading
-from collections import OrderedDict
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from paramctl.errors import FormatError
 
-READ_AHEAD = 1 << 20  # a small read fetches this much: a safetensors header in one request
-CACHED_BLOCKS = 4
+READ_AHEAD = 64 << 10  # a small read fetches at least this much
+KEPT_SPANS = 8
+TIMEOUT = 60.0  # seconds without an answer before a request fails
+MAX_REDIRECTS = 5
+NO_RANGES = "the server does not support range requests (HTTP Range): download the file first"
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _files: dict[str, RemoteFile] = {}
 _lock = threading.Lock()
@@ -48,8 +56,7 @@ def open_path(path: str) -> BinaryIO:
     """A binary file object on PATH, local or remote, positioned at its start."""
     if not is_url(path):
         return open(path, "rb")  # noqa: SIM115 - the caller closes it
-    remote = remote_file(path)
-    return RemoteReader(remote)  # type: ignore[return-value]
+    return RemoteReader(remote_file(path))  # type: ignore[return-value]
 
 
 def size(path: str) -> int:
@@ -83,118 +90,232 @@ def remote_file(url: str) -> RemoteFile:
         return found
 
 
-def _filesystem(url: str) -> tuple[Any, str]:
-    try:
-        import fsspec
-    except ImportError:
-        raise FormatError("reading a URL needs fsspec: pip install 'paramctl[remote]'", redact(url)) from None
-    protocol = url.split("://", 1)[0]
-    try:
-        fs = fsspec.filesystem(protocol)
-    except (ImportError, ValueError) as e:
-        raise FormatError(f"no fsspec backend for {protocol}:// ({e})", redact(url)) from None
-    return fs, url if protocol in ("http", "https") else fs._strip_protocol(url)
-
-
-def _cached(fs: Any) -> Any:
-    """FS behind fsspec's block cache in cache_dir (fetched blocks kept on disk)."""
-    import fsspec
-
-    return fsspec.filesystem("blockcache", fs=fs, cache_storage=cache_dir)
-
-
 class RemoteFile:
-    """Byte ranges of one remote file, with a small cache of recent blocks."""
+    """Byte ranges of one remote file; the spans fetched by small reads are kept."""
 
     def __init__(self, url: str):
         self.url = url
         self.shown = redact(url)
-        self.fs, self.fs_path = _filesystem(url)
-        info = self._call(self.fs.info, self.fs_path)
-        if info.get("type") == "directory":
-            raise FormatError("a directory: name the checkpoint file or index in it", self.shown)
-        # no caching of fsspec's own (the block cache here decides what to keep), except on disk
-        # with --cache, where reads go through the blockcache file's cache
-        options: dict[str, Any] = {} if cache_dir else {"block_size": READ_AHEAD, "cache_type": "none"}
-        if not cache_dir and info.get("size") is not None and "http" in str(self.fs.protocol):
-            options["size"] = info["size"]  # known: no second HEAD request
-        opener = _cached(self.fs) if cache_dir else self.fs
-        self.file = self._call(opener.open, self.fs_path, "rb", **options)
-        size = info.get("size") if info.get("size") is not None else getattr(self.file, "size", None)
-        if size is None:
-            raise FormatError("the server does not say how large the file is (no Content-Length)", self.shown)
-        self.size = int(size)
-        self.blocks: OrderedDict[int, bytes] = OrderedDict()
-        self.fetched = 0  # bytes fetched, for the record
+        self.backend = HTTPBackend(url) if url.split("://", 1)[0].lower() in ("http", "https") else FsspecBackend(url)
+        self.spans: list[tuple[int, bytes]] = []  # (start, bytes), most recently used last
         self.lock = threading.Lock()
-
-    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except FileNotFoundError as e:  # fsspec's HTTP backend reports any failed HEAD this way
-            cause = getattr(e.__cause__ or e.__context__, "status", None)
-            if cause in (401, 403):
-                raise FormatError("access denied (403): check your credentials", self.shown) from None
-            raise FormatError("not found (404)" if cause in (None, 404) else f"HTTP {cause}", self.shown) from None
-        except PermissionError:
-            raise FormatError("access denied (403): check your credentials", self.shown) from None
-        except Exception as e:  # aiohttp, botocore and asyncio errors have no common base
-            raise FormatError(remote_error(e), self.shown) from None
+        self.fetched = 0
+        first = self._first_range()
+        if first:
+            self.spans.append((0, first))
 
     def read(self, start: int, length: int) -> bytes:
         start, end = max(start, 0), min(start + length, self.size)
         if end <= start:
             return b""
+        with self.lock:
+            for i, (at, data) in enumerate(self.spans):
+                if at <= start and end <= at + len(data):
+                    self.spans.append(self.spans.pop(i))
+                    return data[start - at : end - at]
+            extends = next(((at, data) for at, data in self.spans if at <= start < at + len(data)), None)
         if end - start >= READ_AHEAD:
-            return self._fetch(start, end)
-        block = start // READ_AHEAD
-        parts = []
-        while block * READ_AHEAD < end:
-            data = self._block(block)
-            lo = max(start - block * READ_AHEAD, 0)
-            parts.append(data[lo : end - block * READ_AHEAD])
-            block += 1
-        return b"".join(parts)
-
-    def _block(self, index: int) -> bytes:
-        with self.lock:
-            if index in self.blocks:
-                self.blocks.move_to_end(index)
-                return self.blocks[index]
-        data = self._fetch(index * READ_AHEAD, min((index + 1) * READ_AHEAD, self.size))
-        with self.lock:
-            self.blocks[index] = data
-            while len(self.blocks) > CACHED_BLOCKS:
-                self.blocks.popitem(last=False)
-        return data
-
-    def _fetch(self, start: int, end: int) -> bytes:
-        if cache_dir is None and hasattr(self.file, "_fetch_range"):
-            data = self._call(self.file._fetch_range, start, end)
+            if extends is None:
+                return self.fetch(start, end)
+            at, data = extends  # the kept part, then only the rest
+            return data[start - at :] + self.fetch(at + len(data), end)
+        if extends is not None:  # grow the span that holds the start
+            at, data = extends
+            more = self.fetch(at + len(data), min(max(end, at + len(data) + READ_AHEAD), self.size))
+            span = (at, data + more)
         else:
-            with self.lock:
-                self._call(self.file.seek, start)
-                data = self._call(self.file.read, end - start)
+            first = start if start + READ_AHEAD <= self.size else max(0, self.size - READ_AHEAD)
+            span = (first, self.fetch(first, max(end, min(first + READ_AHEAD, self.size))))
+        with self.lock:
+            self.spans = [s for s in self.spans if s[0] != span[0]][-(KEPT_SPANS - 1) :] + [span]
+        return span[1][start - span[0] : end - span[0]]
+
+    def fetch(self, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""
+        cached = self._cache_path(start, end)
+        if cached is not None and os.path.isfile(cached):
+            with open(cached, "rb") as f:
+                return f.read()
+        data = self.backend.fetch(start, end)
         if len(data) != end - start:
             raise FormatError(f"the server sent {len(data)} bytes for a range of {end - start}", self.shown)
         self.fetched += len(data)
+        if cached is not None:
+            _store(cached, data)
         return data
 
+    def _first_range(self) -> bytes:
+        """The first READ_AHEAD bytes, learning the file's size (kept in the cache as `first`:
+        8 bytes of size, then the bytes)."""
+        cached = os.path.join(cache_dir, self._cache_key(), "first") if cache_dir else None
+        if cached is not None and os.path.isfile(cached):
+            with open(cached, "rb") as f:
+                self.size = int.from_bytes(f.read(8), "little")
+                return f.read()
+        first = self.backend.first_range(READ_AHEAD)
+        self.size = self.backend.size
+        self.fetched += len(first)
+        if cached is not None:
+            _store(cached, self.size.to_bytes(8, "little") + first)
+        return first
 
-def remote_error(e: Exception) -> str:
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    status = getattr(e, "status", None) or getattr(e, "code", None)
-    if "range requests" in text:
-        return "the server does not support range requests (HTTP Range): download the file first"
-    if status == 403:
-        return "access denied (403): check your credentials"
-    if status == 404:
-        return "not found (404)"
-    if "timeout" in type(e).__name__.lower() or "timed out" in text.lower():
-        return "timed out"
-    if status:
-        return f"HTTP {status}: {text}"
-    return f"cannot read: {type(e).__name__}: {text}"
+    def _cache_key(self) -> str:
+        return hashlib.sha256(redact(self.url).encode()).hexdigest()[:32]
+
+    def _cache_path(self, start: int, end: int) -> str | None:
+        return os.path.join(cache_dir, self._cache_key(), f"{self.size}-{start}-{end}") if cache_dir else None
+
+
+def _store(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+class HTTPBackend:
+    """Range requests with http.client: a connection per thread, redirects followed."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.shown = redact(url)
+        self.size = 0
+        self.local = threading.local()
+
+    def first_range(self, length: int) -> bytes:
+        """The first LENGTH bytes (fewer for a smaller file), and the file's size."""
+        status, headers, body = self._get(0, length)
+        total = re.fullmatch(r"bytes \d+-\d+/(\d+)", headers.get("content-range", ""))
+        if status == 206 and total:
+            self.size = int(total.group(1))
+            return body[:length]
+        if status == 200 and len(body) <= length:  # the whole file answered a range covering it
+            self.size = len(body)
+            return body
+        if status == 416:  # an empty file has no first byte to ask for
+            self.size = 0
+            return b""
+        raise FormatError(
+            "the server does not support range requests (HTTP Range): download the file first", self.shown
+        )
+
+    def fetch(self, start: int, end: int) -> bytes:
+        status, _, body = self._get(start, end - start)
+        if status != 206:
+            raise FormatError(
+                "the server does not support range requests (HTTP Range): download the file first", self.shown
+            )
+        return body
+
+    def _get(self, start: int, length: int) -> tuple[int, dict[str, str], bytes]:
+        import http.client
+
+        url = self.url
+        origin = urlsplit(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            headers = {"Range": f"bytes={start}-{start + length - 1}", "Accept-Encoding": "identity"}
+            if parts.hostname == origin.hostname:  # credentials never follow a redirect elsewhere
+                headers.update(auth_headers(origin))
+            target = parts.path or "/"
+            if parts.query:
+                target += "?" + parts.query
+            try:
+                conn = self._connection(parts)
+                conn.request("GET", target, headers=headers)
+                response = conn.getresponse()
+                status = response.status
+                answer = {k.lower(): v for k, v in response.getheaders()}
+                body = response.read(length + 1) if status in (200, 206) else response.read(1 << 16)
+                if status == 200 or response.will_close:
+                    self._drop(parts)
+            except (OSError, http.client.HTTPException) as e:
+                self._drop(parts)
+                reason = "timed out" if isinstance(e, TimeoutError) else f"cannot connect: {e}"
+                raise FormatError(reason, self.shown) from None
+            if status in (301, 302, 303, 307, 308) and "location" in answer:
+                url = urljoin(url, answer["location"])
+                continue
+            if status in (401, 403):
+                raise FormatError(f"access denied ({status}): check your credentials", self.shown)
+            if status == 404:
+                raise FormatError("not found (404)", self.shown)
+            if status not in (200, 206, 416):
+                raise FormatError(f"HTTP {status} {response.reason}", self.shown)
+            return status, answer, body
+        raise FormatError(f"more than {MAX_REDIRECTS} redirects", self.shown)
+
+    def _connection(self, parts: Any) -> Any:
+        import http.client
+
+        key = (parts.scheme, parts.hostname, parts.port)
+        connections = self.local.__dict__.setdefault("connections", {})
+        if key not in connections:
+            kind = http.client.HTTPSConnection if parts.scheme.lower() == "https" else http.client.HTTPConnection
+            connections[key] = kind(parts.hostname or "", parts.port, timeout=TIMEOUT)
+        return connections[key]
+
+    def _drop(self, parts: Any) -> None:
+        connection = self.local.__dict__.get("connections", {}).pop((parts.scheme, parts.hostname, parts.port), None)
+        if connection is not None:
+            connection.close()
+
+
+def auth_headers(parts: Any) -> dict[str, str]:
+    """HTTP Basic from the URL's user information; a Hugging Face token for huggingface.co."""
+    if parts.username is not None:
+        pair = f"{parts.username}:{parts.password or ''}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
+    token = os.environ.get("HF_TOKEN")
+    if token and (parts.hostname or "").endswith(("huggingface.co", "hf.co")):
+        return {"Authorization": f"Bearer {token}"}
+    return {}
+
+
+class FsspecBackend:
+    """Any other protocol, through fsspec (s3fs for s3://): a size lookup, then ranges."""
+
+    def __init__(self, url: str):
+        self.shown = redact(url)
+        try:
+            import fsspec
+        except ImportError:
+            raise FormatError("reading this URL needs fsspec: pip install 'paramctl[remote]'", self.shown) from None
+        protocol = url.split("://", 1)[0]
+        try:
+            self.fs = fsspec.filesystem(protocol)
+        except (ImportError, ValueError) as e:
+            raise FormatError(f"no fsspec backend for {protocol}:// ({e})", self.shown) from None
+        self.path = self.fs._strip_protocol(url)
+        info = self._call(self.fs.info, self.path)
+        if info.get("type") == "directory":
+            raise FormatError("a directory: name the checkpoint file or index in it", self.shown)
+        if info.get("size") is None:
+            raise FormatError("the store does not say how large the file is", self.shown)
+        self.size = int(info["size"])
+
+    def first_range(self, length: int) -> bytes:
+        return self.fetch(0, min(length, self.size))
+
+    def fetch(self, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""
+        return self._call(self.fs.cat_file, self.path, start=start, end=end)
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FileNotFoundError:
+            raise FormatError("not found", self.shown) from None
+        except PermissionError:
+            raise FormatError("access denied: check your credentials", self.shown) from None
+        except Exception as e:  # botocore and asyncio errors have no common base
+            text = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if "timeout" in type(e).__name__.lower():
+                text = "timed out"
+            raise FormatError(f"cannot read: {text}", self.shown) from None
 
 
 class RemoteReader(io.RawIOBase):

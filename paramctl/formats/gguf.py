@@ -104,11 +104,46 @@ class QuantizedTensor(Tensor):
         return tensor_from_array(self.name, self.array())
 
 
+def reader_class() -> type:
+    """gguf's GGUFReader, except that a long metadata array (a tokenizer's 150,000 tokens) is
+    stepped over as one block instead of one numpy view per element: listing a file needs its
+    length only, and `info` shows it summarised (ARRAY_SHOWN)."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType
+
+    class Reader(GGUFReader):
+        def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple:
+            if raw_type != GGUFValueType.ARRAY:
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_itype = self._get(orig_offs, np.uint32)
+            count = self._get(orig_offs + 4, np.uint64)
+            if len(raw_itype) != 1 or len(count) != 1:
+                raise ValueError("truncated array")
+            itype, n = GGUFValueType(int(raw_itype[0])), int(count[0])
+            if n <= ARRAY_SHOWN or itype == GGUFValueType.ARRAY:
+                return super()._get_field_parts(orig_offs, raw_type)
+            start = end = orig_offs + 12
+            if itype == GGUFValueType.STRING:
+                data = memoryview(self.data)
+                for _ in range(n):
+                    if end + 8 > len(data):
+                        raise ValueError("a string array runs past the end of the file")
+                    end += 8 + int.from_bytes(data[end : end + 8], "little")
+            else:
+                end += n * np.dtype(self.gguf_scalar_to_np[itype]).itemsize
+            if end > len(self.data):
+                raise ValueError("an array runs past the end of the file")
+            block = self.data[start:end]
+            return end - orig_offs, [raw_itype, count, block], [2] * n, [GGUFValueType.ARRAY, itype]
+
+    return Reader
+
+
 def load(path: str, source: str) -> Checkpoint:
-    from gguf import GGML_QUANT_SIZES, GGUFReader
+    from gguf import GGML_QUANT_SIZES
 
     try:
-        reader = GGUFReader(path)
+        reader = reader_class()(path)
         infos = list(reader.tensors)
     except (ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError, UnicodeDecodeError) as e:
         raise FormatError(f"invalid GGUF file: {e}", path) from None
