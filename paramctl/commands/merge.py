@@ -106,7 +106,12 @@ def merge_command(
 
 @cli.group("lora")
 def lora_group() -> None:
-    """LoRA adapters: extract one from a fine-tune (merge --lora folds one into its base)."""
+    """LoRA adapters: extract one from a fine-tune (merge --lora folds one into its base).
+
+    \b
+    Example:
+      paramctl lora extract base/model.safetensors tuned/model.safetensors --rank 16 -o adapter/
+    """
 
 
 @lora_group.command("extract")
