@@ -30,11 +30,11 @@ is written back as a list. Gluon keeps shared parameters as equal copies, and so
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import struct
 from collections import Counter
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from paramctl.dtypes import itemsize
 from paramctl.errors import FormatError, UsageError
@@ -72,37 +72,37 @@ class MxnetFile:
     np_shape: bool  # some record is V3 (saved under numpy shape semantics)
 
 
-class _Cursor:
-    """A position in the file; every read is checked against its size first."""
+HEADER, U32, U64, I32 = struct.Struct("<QQQ"), struct.Struct("<I"), struct.Struct("<Q"), struct.Struct("<i")
+I32X2, I32X3 = struct.Struct("<ii"), struct.Struct("<iii")
 
-    def __init__(self, f: BinaryIO, size: int, path: str):
-        self.f, self.size, self.path, self.pos = f, size, path, 0
+
+class _Cursor:
+    """A position in the mapped file; every read is checked against its size first. Messages
+    are put together only on error: a file may hold many thousand records."""
+
+    def __init__(self, buf: mmap.mmap | bytes, path: str):
+        self.buf, self.size, self.path, self.pos = buf, len(buf), path, 0
 
     @property
     def left(self) -> int:
         return self.size - self.pos
 
-    def take(self, n: int, what: str) -> bytes:
-        if n > self.left:
-            raise FormatError(f"truncated: {what} needs {n} bytes at byte {self.pos}, {self.left} left", self.path)
-        data = self.f.read(n)
+    def truncated(self, n: int, label: str, what: str) -> FormatError:
+        where = f"{label}'s {what}" if label else what
+        return FormatError(f"truncated: {where} needs {n} bytes at byte {self.pos}, {self.left} left", self.path)
+
+    def unpack(self, fmt: struct.Struct, label: str, what: str) -> tuple:
+        if fmt.size > self.size - self.pos:
+            raise self.truncated(fmt.size, label, what)
+        values = fmt.unpack_from(self.buf, self.pos)
+        self.pos += fmt.size
+        return values
+
+    def take(self, n: int, label: str, what: str) -> bytes:
+        if n > self.size - self.pos:
+            raise self.truncated(n, label, what)
         self.pos += n
-        return data
-
-    def skip(self, n: int, what: str) -> None:
-        if n > self.left:
-            raise FormatError(f"truncated: {what} needs {n} bytes at byte {self.pos}, {self.left} left", self.path)
-        self.pos += n
-        self.f.seek(self.pos)
-
-    def i32(self, what: str) -> int:
-        return int.from_bytes(self.take(4, what), "little", signed=True)
-
-    def u32(self, what: str) -> int:
-        return int.from_bytes(self.take(4, what), "little")
-
-    def u64(self, what: str) -> int:
-        return int.from_bytes(self.take(8, what), "little")
+        return bytes(self.buf[self.pos - n : self.pos])
 
 
 @dataclass
@@ -120,8 +120,8 @@ def _shape(cur: _Cursor, ndim: int, wide: bool, label: str) -> tuple[int, ...]:
     size = 8 if wide else 4
     if ndim * size > cur.left:
         raise FormatError(f"{label} claims {ndim} dimensions, more than the {cur.left} bytes left hold", cur.path)
-    raw = cur.take(ndim * size, f"{label}'s shape")
-    shape = struct.unpack(f"<{ndim}{'q' if wide else 'I'}", raw)
+    shape = struct.unpack_from(f"<{ndim}{'q' if wide else 'I'}", cur.buf, cur.pos)
+    cur.pos += ndim * size
     if any(n < 0 for n in shape):
         unknown = " (an unknown size, which nd.load cannot return)" if -1 in shape else ""
         raise FormatError(f"{label} has a negative size in its shape {list(shape)}{unknown}", cur.path)
@@ -130,7 +130,11 @@ def _shape(cur: _Cursor, ndim: int, wide: bool, label: str) -> tuple[int, ...]:
 
 def _wide_shape(cur: _Cursor, label: str) -> tuple[int, ...] | None:
     """An i32 ndim and i64 dimensions (V1 onwards); None for ndim -1."""
-    ndim = cur.i32(f"{label}'s ndim")
+    (ndim,) = cur.unpack(I32, label, "ndim")
+    return _checked_ndim(cur, ndim, label)
+
+
+def _checked_ndim(cur: _Cursor, ndim: int, label: str) -> tuple[int, ...] | None:
     if ndim == -1:
         return None
     if ndim < 0:
@@ -143,17 +147,20 @@ def _data(cur: _Cursor, shape: tuple[int, ...], flag: int, label: str) -> tuple[
     dtype = TYPE_FLAGS.get(flag)
     if dtype is None:
         raise FormatError(f"{label} has type flag {flag}, which MXNet 1.9.1 refuses ('Unknown type enum')", cur.path)
-    check_shape(label, shape, cur.path)
-    if math.prod(max(n, 1) for n in shape) * itemsize(dtype) > INT64_MAX:  # numpy cannot hold it even empty
-        raise FormatError(f"{label} has a shape too large to index, {list(shape)}", cur.path)
     nbytes = math.prod(shape) * itemsize(dtype)
+    if nbytes > cur.left or not nbytes:
+        check_shape(label, shape, cur.path)
+        if math.prod(max(n, 1) for n in shape) * itemsize(dtype) > INT64_MAX:  # numpy cannot hold it even empty
+            raise FormatError(f"{label} has a shape too large to index, {list(shape)}", cur.path)
+        if nbytes > cur.left:
+            raise cur.truncated(nbytes, label, f"data ({list(shape)} {dtype})")
     offset = cur.pos
-    cur.skip(nbytes, f"{label}'s data ({list(shape)} {dtype})")
+    cur.pos += nbytes
     return dtype, offset
 
 
 def _record(cur: _Cursor, label: str) -> _Record:
-    magic = cur.u32(f"{label}'s magic")
+    (magic,) = cur.unpack(U32, label, "magic")
     version = VERSIONS.get(magic, "pre-V1")
     if version in ("V1", "pre-V1"):
         # MXNet's LegacyLoad: no storage type; ndim 0 is a scalar with its one value
@@ -162,15 +169,15 @@ def _record(cur: _Cursor, label: str) -> _Record:
         shape = _wide_shape(cur, label) if version == "V1" else _shape(cur, magic, False, label)
         if shape is None:
             raise FormatError(f"{label} is an empty NDArray handle (ndim -1), which nd.load cannot return", cur.path)
-        context = (cur.i32(f"{label}'s device"), cur.i32(f"{label}'s device id"))
-        dtype, offset = _data(cur, shape, cur.i32(f"{label}'s type flag"), label)
-        return _Record(shape, dtype, offset, version, context)
-    stype = cur.i32(f"{label}'s storage type")
+        dev_type, dev_id, flag = cur.unpack(I32X3, label, "device and type flag")
+        dtype, offset = _data(cur, shape, flag, label)
+        return _Record(shape, dtype, offset, version, (dev_type, dev_id))
+    (stype,) = cur.unpack(I32, label, "storage type")
     if stype not in AUX_ARRAYS:
         raise FormatError(f"{label} has storage type {stype}, which MXNet refuses ('Unknown storage type')", cur.path)
     if stype and version == "V3":
         raise FormatError(f"{label} is a sparse V3 record, which MXNet refuses in numpy shape semantics", cur.path)
-    stored = _wide_shape(cur, f"{label}'s storage") if stype else None
+    stored = _wide_shape(cur, label) if stype else None
     if stype and stored is None:
         raise FormatError(f"{label} is {SPARSE[stype]} (sparse) with an unknown storage shape", cur.path)
     shape = _wide_shape(cur, label)
@@ -178,32 +185,31 @@ def _record(cur: _Cursor, label: str) -> _Record:
         # nothing follows such a record, and nd.load fails on what it returns
         what = "ndim -1" if shape is None else "V2 ndim 0, as MXNet 1.x writes a 0-d array outside numpy mode"
         raise FormatError(f"{label} is an empty NDArray handle ({what}), which nd.load cannot return", cur.path)
-    context = (cur.i32(f"{label}'s device"), cur.i32(f"{label}'s device id"))
-    flag = cur.i32(f"{label}'s type flag")
+    dev_type, dev_id, flag = cur.unpack(I32X3, label, "device and type flag")
     if not stype:
         dtype, offset = _data(cur, shape, flag, label)
-        return _Record(shape, dtype, offset, version, context)
+        return _Record(shape, dtype, offset, version, (dev_type, dev_id))
     # sparse: read past it (storage shape's values, then each aux array) to learn its name
-    aux = [(cur.i32(f"{label}'s aux type"), _wide_shape(cur, f"{label}'s aux")) for _ in range(AUX_ARRAYS[stype])]
+    aux = [(cur.unpack(I32, label, "aux type")[0], _wide_shape(cur, label)) for _ in range(AUX_ARRAYS[stype])]
     if any(s is None for _, s in aux):
         raise FormatError(f"{label} is {SPARSE[stype]} (sparse) with an unknown aux shape", cur.path)
     dtype, offset = _data(cur, stored or (), flag, label)
     for aux_flag, aux_shape in aux:
         _data(cur, aux_shape or (), aux_flag, f"{label}'s aux array")
-    return _Record(shape, dtype, offset, version, context, sparse=SPARSE[stype])
+    return _Record(shape, dtype, offset, version, (dev_type, dev_id), sparse=SPARSE[stype])
 
 
 def _names(cur: _Cursor, count: int) -> list[str] | None:
     """The K names after the records (None for K = 0, a list file)."""
-    k = cur.u64("the name count")
+    (k,) = cur.unpack(U64, "", "the name count")
     if k == 0:
         return None
     if k != count:
         raise FormatError(f"{k} names for {count} arrays (nd.load: 'Invalid NDArray file format')", cur.path)
     names = []
     for i in range(k):
-        n = cur.u64(f"name {i}'s length")
-        raw = cur.take(n, f"name {i}")
+        (n,) = cur.unpack(U64, f"name {i}", "length")
+        raw = cur.take(n, "", f"name {i}")
         try:
             names.append(raw.decode("utf-8"))
         except UnicodeDecodeError:
@@ -213,17 +219,21 @@ def _names(cur: _Cursor, count: int) -> list[str] | None:
 
 def read_records(path: str) -> tuple[list[_Record], list[str] | None]:
     """The array records of the file at PATH and their names (None: a list file)."""
-    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        cur = _Cursor(f, size, path)
-        if cur.u64("the file magic") != FILE_MAGIC:
+        size = os.fstat(f.fileno()).st_size
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    try:
+        cur = _Cursor(buf, path)
+        magic, _reserved, count = cur.unpack(HEADER, "", "the header")
+        if magic != FILE_MAGIC:
             raise FormatError("not an MXNet NDArray file (no 0x112 magic)", path)
-        cur.u64("the reserved word")
-        count = cur.u64("the array count")
         if count * MIN_RECORD > cur.left - 8:
             raise FormatError(f"claims {count} arrays, more than a file of {size} bytes can hold", path)
         records = [_record(cur, f"array #{i}") for i in range(count)]
         names = _names(cur, count)
+    finally:
+        if isinstance(buf, mmap.mmap):
+            buf.close()
     shown = names or [str(i) for i in range(count)]
     for name, rec in zip(shown, records):
         if rec.sparse:
