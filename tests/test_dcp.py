@@ -384,3 +384,32 @@ def test_convert_and_cast_into_dcp(dcp_dirs, tmp_path):
     result = run("convert", str(pt), str(other), "--to", "dcp")
     assert result.exit_code == 2 and "a directory that is not a DCP checkpoint" in result.stderr
     assert os.listdir(other) == ["config.json"]
+
+
+def test_chunks_assemble_for_any_read_range_and_must_tile_the_tensor():
+    from paramctl.errors import FormatError
+    from paramctl.formats.dcp import Assembly, Chunk, Entry, Item, _check_tiling
+    from paramctl.table import Storage, Tensor, tensor_from_array
+
+    values = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
+    cuts = [(0, 2, 5), (0, 1, 6), (0, 4, 7)]  # uneven, on a grid
+    boxes = [
+        [(a[i], a[i + 1]) for a, i in zip(cuts, (i0, i1, i2))] for i0 in range(2) for i1 in range(2) for i2 in range(2)
+    ]
+    chunks = [Chunk(tuple(lo for lo, _ in b), tuple(hi - lo for lo, hi in b), Item("x", 0, 0)) for b in boxes]
+    entry = Entry("w", ("w",), "float32", values.shape, chunks)
+    _check_tiling("w", values.shape, chunks, "x")
+    assembly = Assembly(entry)
+    for i, b in enumerate(boxes):
+        assembly.tensors[i] = tensor_from_array("w", values[tuple(slice(lo, hi) for lo, hi in b)])
+    t = Tensor("w", values.shape, "float32", Storage(values.nbytes, reader=assembly.read))
+    for step in (1, 5, 7, 41, 210):
+        assert np.array_equal(np.concatenate(list(t.chunks(elements=step))), values.reshape(-1)), step
+    assert np.array_equal(t.array(), values)
+    # a valid tiling off a grid is checked pair by pair; an overlap, or a gap, is refused
+    rows = [Chunk((0, 0), (2, 6), Item("x", 0, 0)), Chunk((2, 0), (3, 2), Item("x", 0, 0))]
+    _check_tiling("v", (5, 6), [*rows, Chunk((2, 2), (3, 4), Item("x", 0, 0))], "x")
+    with pytest.raises(FormatError, match="overlap"):  # as many elements as the tensor, one column twice
+        _check_tiling("v", (5, 6), [*rows, Chunk((2, 1), (3, 4), Item("x", 0, 0))], "x")
+    with pytest.raises(FormatError, match="hold 18 of its 30 elements"):
+        _check_tiling("v", (5, 6), rows, "x")

@@ -47,7 +47,7 @@ from paramctl.formats.pytorch import (
     unpickle,
 )
 from paramctl.formats.zipfiles import ZIP_ERRORS, member_offset
-from paramctl.table import Checkpoint, Storage, Tensor
+from paramctl.table import Checkpoint, Storage, Tensor, contiguous_strides, flat_blocks
 
 METADATA = ".metadata"
 SHARD_NAME = re.compile(r"__\d+_\d+\.distcp")
@@ -253,7 +253,7 @@ def _tensor_entry(fqn: str, position: tuple, meta: Record, where: dict[tuple, It
     return Entry(fqn, position, dtype.name, shape, chunks)
 
 
-MAX_PAIRWISE = 4096  # chunks compared pair by pair for overlaps; more are counted only
+MAX_PAIRWISE = 1024  # chunks off a grid compared pair by pair for overlaps; more are refused
 
 
 def _check_tiling(fqn: str, shape: tuple[int, ...], chunks: list[Chunk], path: str) -> None:
@@ -264,13 +264,29 @@ def _check_tiling(fqn: str, shape: tuple[int, ...], chunks: list[Chunk], path: s
     if covered != total or (total and not chunks):
         raise FormatError(f"the chunks of {fqn!r} hold {covered} of its {total} elements", path)
     real = [c for c in chunks if math.prod(c.sizes)]
-    if len(real) > MAX_PAIRWISE:
+    if on_a_grid(shape, real):
         return
+    if len(real) > MAX_PAIRWISE:
+        raise FormatError(f"{fqn!r} has {len(real)} chunks that do not form a grid; refused", path)
     for i, a in enumerate(real):
         for b in real[i + 1 :]:
             spans = zip(a.offsets, a.sizes, b.offsets, b.sizes)
             if all(max(oa, ob) < min(oa + na, ob + nb) for oa, na, ob, nb in spans):
                 raise FormatError(f"two chunks of {fqn!r} overlap (at {list(a.offsets)} and {list(b.offsets)})", path)
+
+
+def on_a_grid(shape: tuple[int, ...], chunks: list[Chunk]) -> bool:
+    """Whether CHUNKS are the distinct cells of one grid (the cuts along each axis are the
+    chunks' edges, each chunk spans one cell): then, holding as many elements as the tensor,
+    they cover it exactly once. Sharding over ranks lays chunks out this way."""
+    cuts = [
+        sorted({0, n} | {c.offsets[d] for c in chunks} | {c.offsets[d] + c.sizes[d] for c in chunks})
+        for d, n in enumerate(shape)
+    ]
+    following = [{a: b for a, b in zip(axis, axis[1:])} for axis in cuts]
+    if any(following[d].get(o) != o + n for c in chunks for d, (o, n) in enumerate(zip(c.offsets, c.sizes))):
+        return False
+    return len({c.offsets for c in chunks}) == len(chunks) == math.prod(len(axis) - 1 for axis in cuts)
 
 
 # --- an item: a torch.save archive inside a .distcp -----------------------------------------------
@@ -357,8 +373,10 @@ def chunk_tensor(entry: Entry, chunk: Chunk) -> Tensor:
 
 class Assembly:
     """The bytes of one tensor in C order, from its chunks, read a range at a time: a chunk's
-    archive is opened on first use; a range of a tensor split into several chunks is built from
-    the block of whole rows (along the first axis) that holds it."""
+    archive is opened on first use. A range of a tensor split into several chunks is cut into
+    boxes that are contiguous in C order (`flat_blocks`: single indices, then one range, then
+    whole axes); each box meets a chunk in a region that is contiguous in the chunk too, read
+    as one run. Memory is the range asked for, whatever the tensor's size or the chunks' shape."""
 
     def __init__(self, entry: Entry):
         self.entry = entry
@@ -384,25 +402,31 @@ class Assembly:
     def read(self, start: int, length: int) -> bytes:
         first, stop = start // self.size, -(-(start + length) // self.size)
         skip = start - first * self.size
-        shape = self.entry.shape
         if len(self.entry.chunks) == 1:
-            data = self.flat(0, first, stop).tobytes()
-            return data[skip : skip + length]
+            return self.flat(0, first, stop).tobytes()[skip : skip + length]
         import numpy as np
 
-        inner = math.prod(shape[1:])
-        row, end_row = first // inner, -(-stop // inner)
-        block = np.zeros((end_row - row, *shape[1:]), np.dtype(f"V{self.size}"))
-        for i, c in enumerate(self.entry.chunks):
-            lo, hi = max(row, c.offsets[0]), min(end_row, c.offsets[0] + c.sizes[0])
-            if lo >= hi or not math.prod(c.sizes):
-                continue
-            chunk_inner = math.prod(c.sizes[1:])
-            values = self.flat(i, (lo - c.offsets[0]) * chunk_inner, (hi - c.offsets[0]) * chunk_inner)
-            where = tuple(slice(o, o + n) for o, n in zip(c.offsets[1:], c.sizes[1:]))
-            block[(slice(lo - row, hi - row), *where)] = values.reshape(hi - lo, *c.sizes[1:])
-        data = block.reshape(-1)[first - row * inner : stop - row * inner].tobytes()
-        return data[skip : skip + length]
+        shape = self.entry.shape
+        out = np.empty(stop - first, np.dtype(f"V{self.size}"))
+        at = 0
+        for index in flat_blocks(first, stop, shape):
+            box = [
+                (i, i + 1) if isinstance(i, int) else (i.start or 0, shape[d] if i.stop is None else i.stop)
+                for d, i in enumerate(index)
+            ]
+            sizes = [hi - lo for lo, hi in box]
+            block = out[at : at + math.prod(sizes)].reshape(sizes)
+            at += block.size
+            for n, c in enumerate(self.entry.chunks):
+                meet = [(max(lo, o), min(hi, o + k)) for (lo, hi), o, k in zip(box, c.offsets, c.sizes)]
+                if any(lo >= hi for lo, hi in meet):
+                    continue
+                local = [lo - o for (lo, _), o in zip(meet, c.offsets)]
+                begin = sum(i * s for i, s in zip(local, contiguous_strides(c.sizes)))
+                extent = [hi - lo for lo, hi in meet]
+                values = self.flat(n, begin, begin + math.prod(extent)).reshape(extent)
+                block[tuple(slice(lo - b, hi - b) for (lo, hi), (b, _) in zip(meet, box))] = values
+        return out.tobytes()[skip : skip + length]
 
 
 class ItemStorage(Storage):
