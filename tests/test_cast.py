@@ -105,3 +105,18 @@ def test_convert_counts_as_the_wide_comparison_does(dtype):
         assert beyond == np.count_nonzero(np.isfinite(wide) & ~np.isfinite(cast))
         assert to_zero == np.count_nonzero((wide != 0) & (cast == 0))
     assert out.dtype == target
+
+
+def test_convert_dtype_is_the_same_streamed_cast(edgy, tmp_path):
+    out = tmp_path / "out.safetensors"
+    result = run("convert", str(edgy), str(out), "--dtype", "float16")
+    assert result.exit_code == 0
+    assert result.stderr == (
+        "paramctl: warning: edge: 1 value(s) beyond the range of float16 (-65504 to 65504)\n"
+        "paramctl: warning: edge: 2 non-zero value(s) become 0 in float16\n"
+    )
+    got, source = load_file(str(out)), load_file(str(edgy))
+    with np.errstate(all="ignore"):
+        np.testing.assert_array_equal(got["big"], source["big"].astype(np.float16))
+        np.testing.assert_array_equal(got["edge"], source["edge"].astype(np.float16))
+    assert got["steps"].dtype == np.int64

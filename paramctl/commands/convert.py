@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
+from paramctl.cast import cast_lazily
 from paramctl.cli import cli, load, shard_size_option, to_option, write_checkpoint
+from paramctl.commands.edit import report_losses
 
 
 @cli.command("convert")
@@ -32,6 +34,6 @@ def convert_command(
     table = load(src)
     if dequantize:
         table.tensors = [t.dequantized() if hasattr(t, "dequantized") else t for t in table.tensors]
-    if dtype:
-        table.cast(table.floating(), dtype)
+    storages = cast_lazily(table, table.floating(), dtype) if dtype else []  # converted as written
     write_checkpoint(table, dst, to, shard_size)
+    report_losses(storages, dtype or "")

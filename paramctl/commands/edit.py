@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import click
 
 from paramctl import output
+from paramctl.cast import CastStorage
 from paramctl.cli import (
     checkpoint_argument,
     cli,
@@ -268,7 +269,15 @@ def cast_command(
                 rows.append({"name": t.name, "from": before[t.name], "to": dtype, "beyond": beyond, "to_zero": to_zero})
         output.emit(rows, ["name", "from", "to", "beyond", "to_zero"], fmt, title=f"{ckpt}: cast to {dtype}")
         return
-    for name, (beyond, to_zero) in losses.items():
+    report_losses(storages, dtype)
+
+
+def report_losses(storages: list[CastStorage], dtype: str) -> None:
+    """Warn about what the cast to DTYPE of STORAGES lost, counted as they were written; a tie
+    under its first name."""
+    for s in storages:
+        beyond, to_zero = s.losses()
+        name = s.source.name if s.source is not None else "?"
         if beyond:
             output.note(f"warning: {name}: {beyond} value(s) beyond the range of {dtype} ({range_text(dtype)})")
         if to_zero:
