@@ -30,9 +30,16 @@ def samples() -> Path:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """The fuzz run's outcome counts per format, for the record."""
+    """The fuzz runs' outcome counts, for the record."""
     fuzz = sys.modules.get("test_fuzz")
     for fmt, counts in sorted(getattr(fuzz, "OUTCOMES", {}).items()):
         total = sum(counts.values())
         tables, errors = counts["table"], counts["error"]
         terminalreporter.write_line(f"fuzz {fmt}: {total} cases, {tables} tables, {errors} clean errors")
+    differential = sys.modules.get("test_differential")
+    for label, counts in sorted(getattr(differential, "OUTCOMES", {}).items()):
+        terminalreporter.write_line(
+            f"differential {label}: {counts['cases']} cases, {counts['agree']} read by both and equal, "
+            f"{counts['paramctl refused']} refused by paramctl, {counts['reference refused']} read by paramctl "
+            f"only, {counts['bound or agreement failures']} agree-or-refuse or bound failures"
+        )

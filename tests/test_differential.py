@@ -22,6 +22,7 @@ reproducible: `PARAMCTL_FUZZ=long` (`make fuzz`) runs ten times as many.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import hashlib
 import io
@@ -327,7 +328,9 @@ def hostile_cases(directory: Path) -> dict[str, tuple[str, bytes]]:
                     out.writestr(name, np.full(4, np.nan, "<f4").tobytes())
     cases["duplicate zip member"] = (".pt", buf.getvalue())
 
-    cases["tensor inside an opaque object"] = (".pt", saved({"model": torch.nn.Linear(2, 2)}))
+    cases["pickled module"] = (".pt", saved({"model": torch.nn.Linear(2, 2)}))
+    hidden = argparse.Namespace(w=torch.full((2,), float("nan")))
+    cases["tensor inside an opaque object"] = (".pt", saved({"hp": hidden}))
 
     header = json.dumps({"w": {"dtype": "F32", "shape": [0, 2**62, 2**62], "data_offsets": [0, 0]}}).encode()
     cases["safetensors zero-size [0, 2**62, 2**62]"] = (".safetensors", struct.pack("<Q", len(header)) + header)

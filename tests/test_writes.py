@@ -37,6 +37,83 @@ def leftovers(directory: Path) -> list[str]:
     return [p.name for p in directory.iterdir() if p.name.endswith(".paramctl-tmp")]
 
 
+def writes_unnamed(directory: Path) -> bool:
+    """Whether `convert` writes through paramctl.atomic's unnamed file (Linux O_TMPFILE) here."""
+    from paramctl import atomic, formats
+
+    fd = atomic.unnamed_file(str(directory))
+    if fd is not None:
+        os.close(fd)
+    return fd is not None and getattr(formats, "atomic_path", None) is atomic.atomic_path
+
+
+def test_atomic_path_writes_an_unnamed_file_until_it_is_complete(tmp_path):
+    """While the writer runs, the directory holds no new name; afterwards only the target, with
+    the permissions a new file gets; a failed write leaves the old target and nothing else."""
+    from paramctl.atomic import atomic_path, unnamed_file
+    from paramctl.errors import ParamctlError
+
+    fd = unnamed_file(str(tmp_path))
+    if fd is None:
+        pytest.skip("no O_TMPFILE here: the named temporary file is used")
+    os.close(fd)
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with atomic_path(str(target)) as tmp:
+        assert tmp.startswith("/proc/self/fd/")
+        with open(tmp, "wb") as f:
+            f.write(b"new contents")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    assert target.read_bytes() == b"new contents"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(ParamctlError), atomic_path(str(target)) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise ParamctlError("the writer failed")
+    assert target.read_bytes() == b"new contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_sigkill_of_an_unnamed_write_leaves_nothing(tmp_path):
+    """A writer killed at any moment of a 24 MB write through paramctl.atomic (torch.save, h5py
+    and a plain file, each through the /proc path): the target is old or new, and no temporary
+    file is ever left, since it had no name until it was complete."""
+    from paramctl.atomic import unnamed_file
+
+    fd = unnamed_file(str(tmp_path))
+    if fd is None:
+        pytest.skip("no O_TMPFILE here: the named temporary file is used")
+    os.close(fd)
+    script = (
+        "import sys, numpy as np, h5py, torch\n"
+        "from paramctl.atomic import atomic_path\n"
+        "kind, target = sys.argv[1], sys.argv[2]\n"
+        "data = np.random.default_rng(0).standard_normal(3 << 20)\n"
+        "print('writing', flush=True)\n"
+        "with atomic_path(target) as tmp:\n"
+        "    if kind == 'torch': torch.save({'w': torch.from_numpy(data)}, tmp)\n"
+        "    elif kind == 'h5py':\n"
+        "        with h5py.File(open(tmp, 'w+b'), 'w') as f: f['w'] = data\n"
+        "    else:\n"
+        "        with open(tmp, 'wb') as f: f.write(data.tobytes())\n"
+        "print('done', flush=True)\n"
+    )
+    rng = random.Random(5)
+    for kind in ("torch", "h5py", "plain"):
+        target = tmp_path / f"out.{kind}"
+        for _ in range(4):
+            target.write_bytes(b"old")
+            proc = subprocess.Popen([sys.executable, "-c", script, kind, str(target)], stdout=subprocess.PIPE)
+            assert proc.stdout is not None and proc.stdout.readline() == b"writing\n"
+            time.sleep(rng.uniform(0.0, 0.3))  # about what the write takes
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            assert target.read_bytes() == b"old" or target.stat().st_size > 24 << 20
+            assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("out.")) == []
+
+
 def paramctl(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "paramctl", *args], stderr=subprocess.PIPE, **kwargs)
 
@@ -51,6 +128,7 @@ def test_sigkill_during_output_leaves_old_or_new(tmp_path, big):
     paramctl("convert", str(big["src"]), str(tmp_path / "timed.safetensors")).wait()
     whole = time.perf_counter() - start
     seen = {"old": 0, "new": 0}
+    unnamed = writes_unnamed(tmp_path)
     for i in range(KILLS):
         target.write_bytes(old)
         proc = paramctl("convert", str(big["src"]), str(target))
@@ -60,7 +138,9 @@ def test_sigkill_during_output_leaves_old_or_new(tmp_path, big):
         data = target.read_bytes()
         assert data in (old, new), f"target has {len(data)} bytes: neither the old nor the new file"
         seen["old" if data == old else "new"] += 1
-        for name in leftovers(tmp_path):  # a killed writer cannot clean up; the next run must not care
+        if unnamed:  # the output was an unnamed file until it was complete: nothing to clean up
+            assert leftovers(tmp_path) == []
+        for name in leftovers(tmp_path):  # a named temporary file: the next run must not care
             (tmp_path / name).unlink()
     assert seen["old"] and seen["new"], seen  # the kills landed both before and after the rename
 

@@ -449,7 +449,9 @@ def check_lengths(stream: BinaryIO | BoundedReader, path: str) -> None:
 def load_with(unpickler: RestrictedUnpickler) -> Any:
     path = unpickler.path
     try:
-        return arrays_as_rows(unpickler.load())
+        obj = unpickler.load()
+        check_attributes(obj)
+        return arrays_as_rows(obj)
     except FormatError as e:
         if e.path is None:
             raise FormatError(str(e), path) from None
@@ -458,6 +460,29 @@ def load_with(unpickler: RestrictedUnpickler) -> Any:
         raise FormatError("pickle nests too deeply", path) from None
     except Exception as e:  # a malformed pickle raises anything from UnpicklingError to TypeError
         raise FormatError(f"invalid pickle: {type(e).__name__}: {e}", path) from None
+
+
+def check_attributes(obj: Any) -> None:
+    """FormatError if a container of OBJ has an attribute that hides one of its class's (a BUILD
+    state setting `items` on an OrderedDict): torch's loader and paramctl would read it
+    differently. torch sets only `_metadata` on a state dict. Each container is visited once."""
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen or not isinstance(node, (dict, list, tuple)):
+            continue
+        seen.add(id(node))
+        if isinstance(node, dict):
+            for name in getattr(node, "__dict__", None) or ():
+                if not isinstance(name, str) or hasattr(type(node), name):
+                    raise FormatError(
+                        f"a container ({type(node).__name__}) whose pickled state sets attribute {name!r:.40}, hiding "
+                        "the container's own: read differently by different loaders, so refused"
+                    )
+            stack.extend(node.values())
+        else:
+            stack.extend(node)
 
 
 # --- the zip format ----------------------------------------------------------------------------
@@ -536,7 +561,7 @@ def name_tensors(obj: Any, path: str) -> list[Tensor]:
         elif isinstance(node, dict):
             attributes = getattr(node, "__dict__", None)
             if attributes:
-                check_attributes(node, attributes, keys)
+                attribute_tensors(attributes, keys)
             for k, v in node.items():
                 if not isinstance(k, (str, int, float, bool, tuple, type(None))):
                     unseen(k, keys, f"a key of {dotted(keys) or 'the object'}")
@@ -552,16 +577,10 @@ def name_tensors(obj: Any, path: str) -> list[Tensor]:
             for v in (*parts, node.state if node.has_state else None):
                 unseen(v, keys, f"an object of class {node.global_name} that paramctl keeps opaque")
 
-    def check_attributes(node: dict, attributes: dict, keys: tuple) -> None:
-        """A state dict's attributes (`_metadata`) as torch sets them: never one that hides a
-        method of the dict (`items`), which torch's loader and paramctl would read differently."""
+    def attribute_tensors(attributes: dict, keys: tuple) -> None:
+        """A state dict's attributes (`_metadata`) hold no tensor: torch's load_state_dict
+        would not see one there, nor would the table."""
         for name, value in attributes.items():
-            if not isinstance(name, str) or hasattr(type(node), name):
-                raise FormatError(
-                    f"{dotted(keys) or 'the object'} is a {type(node).__name__} whose pickled state sets "
-                    f"attribute {name!r:.40}, hiding the container's own; refused as ambiguous",
-                    path,
-                )
             unseen(value, keys, f"attribute {name} of {dotted(keys) or 'the object'}")
 
     looked: set[int] = set()  # containers and opaque objects looked into: OmegaConf's `_parent` makes cycles
