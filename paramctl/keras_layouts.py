@@ -102,9 +102,11 @@ def keras3_to_legacy(ckpt: Checkpoint, attributes: dict[str, Any]) -> Checkpoint
     dropped = []
     for t in ckpt.tensors:
         m = VARS.match(t.name)
-        if m is None:
-            dropped.append(t.name)  # the optimizer's variables, the model's own
+        if m is None and t.name.startswith("optimizer/"):
+            dropped.append(t.name)  # the legacy layout has no place for a Keras 3 optimizer's
             continue
+        if m is None:  # a nested model's layers, the model's own variables: no certain legacy place
+            raise refuse(ckpt, f"{t.name} is not a variable of a top-level layer", "a legacy .h5")
         layer, sub, _ = m.groups()
         groups.setdefault(layer, []).append(t)
         subgroups.setdefault(layer, set()).add(sub)
@@ -134,7 +136,7 @@ def keras3_to_legacy(ckpt: Checkpoint, attributes: dict[str, Any]) -> Checkpoint
         layout["groups"][name] = {"weight_names": weight_names}
         for t, weight in zip(groups[layer], weight_names):
             tensors.append(renamed(t, f"{name}/{weight}"))
-    notes = [f"left out {len(dropped)} tensor(s) outside the layers ({', '.join(dropped[:3])})"] if dropped else []
+    notes = [f"left out {len(dropped)} optimizer tensor(s): the legacy layout is the model's only"] if dropped else []
     return skeleton_checkpoint(ckpt, tensors, layout, notes)
 
 

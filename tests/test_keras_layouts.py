@@ -152,3 +152,28 @@ def test_legacy_h5_to_h5_keeps_its_layout(tmp_path):
         np.testing.assert_array_equal(got, want)
     info = json.loads(run("info", str(out), "-f", "json").stdout)
     assert info["entries"]["layer_names"] == ["c1", "norm", "flatten", "fc"]
+
+
+def test_nested_model_to_legacy_h5_is_refused_and_optimizer_state_is_left_out(tmp_path):
+    import keras
+
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    nested = keras.Sequential([keras.Input((4,)), inner, keras.layers.Dense(2)])
+    nested.save(tmp_path / "nested.keras")
+    out = tmp_path / "nested.h5"
+    result = run("convert", str(tmp_path / "nested.keras"), str(out))
+    assert result.exit_code == 2 and not out.exists()
+    assert "is not a variable of a top-level layer" in result.stderr
+    # a trained model's archive holds Adam's variables: the legacy file holds the model's only
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(np.ones((8, 4), np.float32), np.ones((8, 1), np.float32), epochs=1, verbose=0)
+    model.save(tmp_path / "trained.keras")
+    out = tmp_path / "trained.h5"
+    result = run("convert", str(tmp_path / "trained.keras"), str(out))
+    assert result.exit_code == 0, result.stderr
+    assert "optimizer tensor(s): the legacy layout is the model's only" in result.stderr
+    fresh = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+    fresh.load_weights(out)
+    for got, want in zip(weights(fresh), weights(model), strict=True):
+        np.testing.assert_array_equal(got, want)
