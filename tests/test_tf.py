@@ -75,6 +75,9 @@ def test_addressed_as_prefix_index_directory_or_state_file():
     listings = [rows_of(str(p)) for p in (where / "ckpt-3", where / "ckpt-3.index", where, where / "checkpoint")]
     assert all(rows == listings[0] for rows in listings)
     assert paramctl.load(str(where)).extra.prefix == str(where / "ckpt-3")
+    assert rows_of(str(TF_FIXTURES / "dtypes")) == rows_of(
+        str(TF_FIXTURES / "dtypes" / "ckpt")
+    )  # one bundle, no state file
     values = {t.name: t.array() for t in paramctl.load(str(where / "ckpt-2"))}
     latest = {t.name: t.array() for t in paramctl.load(str(where))}
     bias = "model/layer_with_weights-1/bias/.ATTRIBUTES/VARIABLE_VALUE"

@@ -421,13 +421,15 @@ def resolve_state_file(path: str) -> str:
 
 
 def _accept_path(path: str) -> str | None:
-    """A directory holding a `checkpoint` state file (its latest checkpoint), or a SavedModel's
-    directory or its `variables/` (the `variables` bundle); a prefix whose `.index` exists."""
+    """A directory holding a `checkpoint` state file (its latest checkpoint), a SavedModel's
+    directory or its `variables/` (the `variables` bundle), or a directory of one bundle (what
+    `Checkpoint.write` leaves: no state file); a prefix whose `.index` exists."""
     if os.path.isdir(path):
         for candidate in (STATE_FILE, "variables/variables.index", "variables.index"):
             if os.path.isfile(os.path.join(path, candidate)):
                 return os.path.join(path, candidate)
-        return None
+        indexes = [name for name in os.listdir(path) if name.endswith(".index")]
+        return os.path.join(path, indexes[0]) if len(indexes) == 1 else None
     if not os.path.exists(path) and os.path.isfile(path + ".index"):
         return path + ".index"
     return None
