@@ -56,6 +56,8 @@ class Slot:
     param: Tensor | None = None  # the parameter's row, when mapped
     name: str | None = None  # the parameter's name as the model calls it (named_parameters)
     group: int | None = None  # its param_groups entry (torch)
+    step: float | None = None  # a step count kept as a number, not a tensor (torch < 1.12)
+    key: Any = None  # torch: its key in the state dict (the index, or FSDP's parameter name)
 
     def moment(self, names: tuple[str, ...]) -> Tensor | None:
         return next((self.tensors[n] for n in names if n in self.tensors), None)
@@ -111,20 +113,39 @@ def torch_states(ckpt: Checkpoint) -> list[OptimizerState]:
         if not isinstance(state, dict) or not isinstance(groups, list):
             continue
         params: list[Any] = [g.get("params") if isinstance(g, dict) else None for g in groups]
-        if not all(isinstance(p, list) and all(type(i) is int for i in p) for p in params):
+        if not all(isinstance(p, list) for p in params):
+            continue
+        by_name = all(type(i) is str for p in params for i in p)  # FSDP's full_optim_state_dict: keyed by name
+        if not by_name and not all(type(i) is int for p in params for i in p):
             continue
         slots = []
         for g, indices in enumerate(params):
-            for i in indices:
+            for position, i in enumerate(indices):
                 entry = state.get(i)
                 tensors = {}
                 if isinstance(entry, dict):
                     tensors = {str(k): rows[(*path, "state", i, k)] for k in entry if (*path, "state", i, k) in rows}
-                slots.append(Slot(i, tensors, group=g))
+                slot = Slot(position if by_name else i, tensors, group=g, name=i if by_name else None, key=i)
+                if isinstance(entry, dict) and type(entry.get("step")) in (int, float):  # torch < 1.12: a number
+                    slot.step = entry["step"]
+                slots.append(slot)
         opt = OptimizerState(label, "torch", slots, groups=[g for g in groups if isinstance(g, dict)], position=path)
-        opt.why = map_torch(ckpt, root, path, opt, rows)
+        opt.why = map_by_name(root, path, opt, rows) if by_name else map_torch(ckpt, root, path, opt, rows)
         found.append(opt)
     return found
+
+
+def map_by_name(root: dict, path: tuple, opt: OptimizerState, rows: dict[tuple, Tensor]) -> str:
+    """State keyed by parameter name: each slot's parameter is the model's tensor of that name,
+    where the model's state dict is beside it (shapes checked)."""
+    entry = model_entry(root, path)
+    for slot in opt.slots:
+        param = rows.get((*entry, slot.name)) if entry is not None else None
+        shape = moment_shape(slot)
+        if param is not None and shape is not None and shape != param.shape:
+            return f"the state of {slot.name} is shaped {list(shape)}, its parameter {list(param.shape)}"
+        slot.param = param
+    return ""
 
 
 def lookup(root: Any, keys: tuple) -> Any:
@@ -404,7 +425,7 @@ def slot_stats(states: list[OptimizerState]) -> list[dict[str, Any]]:
         for slot in opt.slots:
             group = opt.groups[slot.group] if slot.group is not None and slot.group < len(opt.groups) else {}
             step_row = slot.tensors.get("step", shared_step)
-            step = float(step_row.array().reshape(-1)[0]) if step_row is not None and step_row.numel == 1 else None
+            step = float(step_row.array().reshape(-1)[0]) if step_row is not None and step_row.numel == 1 else slot.step
             m, v = slot.moment(MOMENTS), slot.moment(SECOND_MOMENTS)
             mv = m.array().astype(np.float64) if m is not None else None
             vv = v.array().astype(np.float64) if v is not None else None
@@ -483,11 +504,14 @@ def reset(ckpt: Checkpoint, states: list[OptimizerState], edited: list[Tensor]) 
                 continue
             if id(param) not in ids and (param.tie is None or param.tie not in ties):
                 continue
+            if slot.step is not None:  # a numeric step lives in the saved object itself
+                lookup(ckpt.extra, opt.position)["state"][slot.key]["step"] = 0
             resized = any(t.shape and t.shape != param.shape for t in slot.tensors.values())
             for t in slot.tensors.values():
                 zero(ckpt, t, param.shape if t.shape else t.shape)  # moments follow the parameter; a step is 0-d
             shape = f" at {list(param.shape)}" if resized else ""
-            step = ", step 0" if "step" in slot.tensors else " (its step count is the optimizer's, shared: kept)"
+            own_step = "step" in slot.tensors or slot.step is not None
+            step = ", step 0" if own_step else " (its step count is the optimizer's, shared: kept)"
             notes.append(f"{opt.label}: state of {slot.name} (index {slot.index}) reset: moments 0{shape}{step}")
     return notes
 
@@ -530,28 +554,32 @@ def drop(ckpt: Checkpoint, states: list[OptimizerState], removed: list[Tensor]) 
 
 
 def renumber(ckpt: Checkpoint, opt: OptimizerState, gone: set[int]) -> None:
+    """Take the slots whose index is in GONE out of OPT's state dict and param_groups; integer
+    keys after them move down (FSDP's name keys stay as they are); rows follow their entries."""
     from paramctl.formats.pytorch import dotted
 
     node = lookup(ckpt.extra, opt.position)
-    new_index = {}
-    for i in sorted(s.index for s in opt.slots):
-        if i not in gone:
-            new_index[i] = i - sum(1 for g in gone if g < i)
+    leaving = {s.key for s in opt.slots if s.index in gone}
+    numbered = sorted(s.key for s in opt.slots if type(s.key) is int)
+    new_key: dict[Any, Any] = {
+        k: k - sum(1 for g in leaving if type(g) is int and g < k) for k in numbered if k not in leaving
+    }
+    new_key.update({s.key: s.key for s in opt.slots if type(s.key) is str and s.key not in leaving})
     state = node["state"]
-    kept = [(new_index[k], v) for k, v in state.items() if k in new_index]
+    kept = [(new_key[k], v) for k, v in state.items() if k in new_key]
     state.clear()
     state.update(kept)
     for group in node["param_groups"]:
-        group["params"] = [new_index[i] for i in group["params"] if i in new_index]
-    leaving = {id(t) for s in opt.slots if s.index in gone for t in s.tensors.values()}
-    ckpt.remove([t for t in ckpt.tensors if id(t) in leaving])
+        group["params"] = [new_key[i] for i in group["params"] if i in new_key]
+    rows = {id(t) for s in opt.slots if s.index in gone for t in s.tensors.values()}
+    ckpt.remove([t for t in ckpt.tensors if id(t) in rows])
     depth = len(opt.position)
     for slot in opt.slots:
-        if slot.index not in new_index or new_index[slot.index] == slot.index:
+        if slot.key not in new_key or new_key[slot.key] == slot.key:
             continue
         for t in slot.tensors.values():
             position = t.attrs[POSITION]
-            moved = (*position[: depth + 1], new_index[slot.index], *position[depth + 2 :])
+            moved = (*position[: depth + 1], new_key[slot.key], *position[depth + 2 :])
             t.attrs[POSITION], t.name = moved, dotted(moved)
     ckpt.link_ties()
 

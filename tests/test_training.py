@@ -510,3 +510,29 @@ def test_tensorflow_checkpoint_optimizer_slots_by_variable(tmp_path):
         assert all(s["step"] == expected[kind]["step"] and s["lr"] == pytest.approx(0.01) for s in stats)
         if kind == "keras":  # in the model's order
             assert [s["shape"] for s in stats] == [r[0] for r in expected[kind]["rows"]]
+
+
+def test_state_keyed_by_name_and_numeric_steps(tmp_path):
+    """FSDP's full_optim_state_dict keys state by parameter name, and torch < 1.12 kept `step`
+    as a number: both are named, reset and removed."""
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters())
+    train(model, opt, steps=2)
+    names = [n for n, _ in model.named_parameters()]
+    saved = opt.state_dict()
+    state = {names[i]: {**v, "step": int(v["step"])} for i, v in saved["state"].items()}
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]
+    path = tmp_path / "fsdp.pt"
+    torch.save({"model": model.state_dict(), "optimizer": {"state": state, "param_groups": groups}}, path)
+    stats = json.loads(run("stats", str(path), "--optimizer", "-f", "json").stdout)
+    assert [(s["param"], s["step"]) for s in stats] == [(n, 2) for n in names]
+    out = tmp_path / "out.pt"
+    result = run("reinit", str(path), "^model\\.3\\.weight$", "--init", "zeros", "-o", str(out))
+    assert "optimizer: state of 3.weight (index 4) reset: moments 0, step 0" in result.stderr
+    edited = torch.load(out, weights_only=False)["optimizer"]["state"]
+    assert edited["3.weight"]["step"] == 0 and not edited["3.weight"]["exp_avg"].any()
+    assert edited["0.weight"]["step"] == 2
+    assert run("rm", str(path), "^model\\.0\\.bias$", "-o", str(out)).exit_code == 0
+    removed = torch.load(out, weights_only=False)["optimizer"]
+    assert list(removed["state"]) == [n for n in names if n != "0.bias"]
+    assert removed["param_groups"][0]["params"] == [n for n in names if n != "0.bias"]
