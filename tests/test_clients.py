@@ -295,6 +295,18 @@ def test_a_directory_written_again_holds_only_the_new_checkpoint(zoo, tmp_path):
     assert torch.equal(outputs(load_clean(built.cls, out)), built.logits)
 
 
+def test_missing_parent_directories_of_the_output_are_created(zoo, tmp_path):
+    from safetensors.torch import load_file
+
+    built = zoo["gpt2"]
+    file = tmp_path / "new" / "deeper" / "model.safetensors"
+    paramctl("convert", built.forms["bin"], file)
+    assert sorted(load_file(file)) == sorted(n for n in built.state if n != "lm_head.weight")
+    directory = tmp_path / "other" / "deeper"
+    paramctl("convert", built.forms["bin"], f"{directory}/", "--to", "safetensors")
+    assert torch.equal(outputs(load_clean(built.cls, directory)), built.logits)
+
+
 # --- transformers: edits ------------------------------------------------------------------------
 
 
@@ -446,10 +458,18 @@ import torch
 import transformers
 
 results = []
-for class_name, path in json.loads(sys.argv[1]):
+for class_name, path, base in json.loads(sys.argv[1]):
     cls = getattr(transformers, class_name)
     try:
-        model, info = cls.from_pretrained(path, output_loading_info=True, torch_dtype=torch.float32)
+        if base:  # a peft adapter on the base model in BASE
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(cls.from_pretrained(base), path)
+            loaded = model.load_adapter(path, adapter_name="check")
+            info = {"missing_keys": [k for k in loaded.missing_keys if "lora_" in k]}
+            info.update(unexpected_keys=loaded.unexpected_keys, mismatched_keys=[])
+        else:
+            model, info = cls.from_pretrained(path, output_loading_info=True, torch_dtype=torch.float32)
         model.eval()
         inputs = {"input_ids": torch.tensor(json.loads(sys.argv[2]))}
         if model.config.is_encoder_decoder:
@@ -464,7 +484,7 @@ print(json.dumps([transformers.__version__, results]))
 """
 
 
-def test_transformers_4_loads_the_outputs(zoo, tmp_path):
+def test_transformers_4_loads_the_outputs(zoo, lora, tmp_path):
     """transformers 4.57 refuses safetensors without `format` metadata and, given GPT-2 with
     `lm_head.weight` kept instead of `transformer.wte.weight`, loads a model whose embeddings
     stay on the meta device. paramctl's outputs load there as in transformers 5."""
@@ -509,11 +529,20 @@ def test_transformers_4_loads_the_outputs(zoo, tmp_path):
     assert safetensors_header(edited / "model.safetensors")["__metadata__"] == {"format": "pt", "step": "100"}
     cases.append((llama, edited))
 
-    args = [[b.cls.__name__, str(path)] for b, path in cases]
+    # a peft adapter converted to .bin, and its B zeroed, on the tiny GPT-2
+    adapter, identity = tmp_path / "adapter-bin", tmp_path / "adapter-identity"
+    paramctl("convert", lora.forms["st"], f"{adapter}/", "--to", "pt")
+    paramctl("reinit", lora.forms["bin"], "lora_B", "--init", "zeros", "-o", f"{identity}/")
+    args = [[b.cls.__name__, str(path), None] for b, path in cases]
+    args += [[gpt2.cls.__name__, str(path), str(gpt2.forms["st"])] for path in (adapter, identity)]
     version, results = run_in(
         "transformers4", HF4_SCRIPT, json.dumps(args), json.dumps(TOKENS), json.dumps(DECODER_TOKENS)
     )
     assert version == "4.57.6"
+    *results, adapted, identical = results
+    assert adapted.get("info") == identical.get("info") == CLEAN, (adapted, identical)
+    assert torch.allclose(torch.tensor(adapted["logits"]), lora.logits, atol=1e-5)
+    assert torch.allclose(torch.tensor(identical["logits"]), gpt2.logits, atol=1e-5)
     for (built, path), result in zip(cases, results):
         if path == bare:
             assert "File metadata is not" in result["error"], result
