@@ -160,21 +160,29 @@ def depth_chart(fig: Any, rows: Sequence[dict[str, Any]]) -> None:
             ax.invert_yaxis()
             ax.set_title(f"{key} by tensor", fontsize=10)
         return
+    from matplotlib import cm
     from matplotlib.ticker import MaxNLocator
 
     kinds = sorted(series, key=lambda k: -max(r["numel"] for _, r in series[k]))[:12]
+    # the legend names what follows the layer number when every kind shares what precedes it
+    prefixes = {kind[: kind.index("*") + 1] for kind in kinds}
+    prefix = prefixes.pop() if len(prefixes) == 1 else ""
+    colors = [cm.tab20(i / 20) for i in range(20)][::2] + [cm.tab20(i / 20) for i in range(20)][1::2]
     for ax, key in ((left, "norm"), (right, "std")):
+        ax.set_prop_cycle(color=colors)
         for kind in kinds:
             points = sorted(series[kind], key=lambda p: p[0])
             depths, values = [d for d, _ in points], [r[key] for _, r in points]
-            ax.plot(depths, values, marker="o", markersize=3, label=short(kind, 30))
+            label = kind[len(prefix) :].lstrip("./") if prefix else kind
+            ax.plot(depths, values, marker="o", markersize=3, label=short(label, 30))
         ax.set_xlabel("layer (the number in the name that varies most)", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{key} (L2)" if key == "norm" else "std", fontsize=10)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     handles, labels = left.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=7, title="layer * is", title_fontsize=7)
+    title = f"{short(prefix, 30)} …" if prefix else "layer * is"
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7, title=title, title_fontsize=7)
 
 
 def trend_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
