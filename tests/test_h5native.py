@@ -1164,12 +1164,12 @@ def test_mutated_files_give_rows_or_unsupported(corpus, tmp_path):
             for source, mutation, data in cases:
                 what = f"{source}, {mutation}"
                 path.write_bytes(data)
-                start = time.perf_counter()
+                start = time.process_time()
                 try:
                     native = native_outcome(image)
                 except Exception as e:
                     pytest.fail(f"{what}: {type(e).__name__}: {e}")
-                elapsed = time.perf_counter() - start
+                elapsed = time.process_time() - start
                 assert elapsed < MAX_SECONDS, f"{what}: {elapsed:.1f} s"
                 if isinstance(native, str):
                     continue
