@@ -162,3 +162,23 @@ def test_training_checkpoint_counts_the_model_only(tmp_path):
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1}, path)
     got = estimate(str(path))
     assert got["parameters"] == 15 and got["weights"]["stored"] == 60
+
+
+def test_a_tie_counts_once(tmp_path):
+    """save_model stores a tied pair once plus a declared alias; torch.save shares one storage."""
+    from safetensors.torch import save_model
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+    model = Tied()
+    save_model(model, str(tmp_path / "tied.safetensors"))
+    torch.save(model.state_dict(), tmp_path / "tied.pt")
+    for name in ("tied.safetensors", "tied.pt"):
+        got = estimate(str(tmp_path / name))
+        assert got["parameters"] == sum(p.numel() for p in model.parameters()) == 40
+        assert got["train_adam_fp32"]["total"] == 16 * 40
