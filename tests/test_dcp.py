@@ -413,3 +413,19 @@ def test_chunks_assemble_for_any_read_range_and_must_tile_the_tensor():
         _check_tiling("v", (5, 6), [*rows, Chunk((2, 1), (3, 4), Item("x", 0, 0))], "x")
     with pytest.raises(FormatError, match="hold 18 of its 30 elements"):
         _check_tiling("v", (5, 6), rows, "x")
+
+
+def test_planner_paths_that_collide_or_claim_huge_lists_are_refused(dcp_dirs, tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(dcp_dirs["nan"])).read_metadata()
+    md.planner_data["ok"] = ("layer", "w", "inside")  # layer.w is a tensor
+    directory = hostile_metadata(tmp_path, dcp_dirs["nan"], pickle.dumps(md, protocol=4))
+    assert run("ls", str(directory)).exit_code == 0  # listing needs no nesting
+    result = run("convert", str(directory), str(tmp_path / "out.pt"))
+    assert result.exit_code == 2 and "the planner path of 'layer.w' runs into another name's" in result.stderr
+    assert not (tmp_path / "out.pt").exists()
+    md.planner_data["ok"] = ("lst", 10**12)  # a list index no state dict could fill
+    (directory / ".metadata").write_bytes(pickle.dumps(md, protocol=4))
+    result = run("ls", str(directory))
+    assert result.exit_code == 2 and "invalid planner path for 'ok'" in result.stderr

@@ -188,3 +188,19 @@ def test_the_code_is_never_run(archives, tmp_path):
     gone = rewritten(path, tmp_path / "gone.pt", dict.fromkeys(code, b"# nothing here\n"))
     result = run("check", str(gone))
     assert result.exit_code == 2 and "is not defined in the archive's code/" in result.stderr
+
+
+def test_a_module_shared_at_every_level_is_refused_not_walked_exponentially(tmp_path):
+    # module k holds module k-1 under two names: 2**60 paths through 60 objects
+    ops = b"\x80\x02c__torch__\nM\nq\x00h\x00)\x81}bq\x01"
+    for k in range(1, 61):
+        child = b"h" + bytes([k])
+        ops += b"h\x00)\x81}(X\x01\x00\x00\x00a" + child + b"X\x01\x00\x00\x00b" + child + b"ubq" + bytes([k + 1])
+    path = tmp_path / "dag.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("dag/data.pkl", ops + b".")
+        z.writestr("dag/code/__torch__.py", "class M(Module):\n  __parameters__ = []\n  __buffers__ = []\n")
+        z.writestr("dag/constants.pkl", b"\x80\x02).")
+    result = run("ls", str(path))
+    assert result.exit_code == 2
+    assert "modules nest too deeply or are shared too often to be a state dict" in result.stderr

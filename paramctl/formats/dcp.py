@@ -196,8 +196,8 @@ def entries_of(directory: str, metadata: Any) -> list[Entry]:
         if not isinstance(fqn, str):
             raise FormatError(f"a name that is not text: {fqn!r:.80}", path)
         position = planner.get(fqn, (fqn,))
-        if not (isinstance(position, tuple) and position and all(isinstance(k, (str, int)) for k in position)):
-            raise FormatError(f"invalid planner path for {fqn!r}", path)
+        if not (isinstance(position, tuple) and position and all(_key_ok(k, len(described)) for k in position)):
+            raise FormatError(f"invalid planner path for {fqn!r}: {position!r:.80}", path)
         if _is(described_as, "BytesStorageMetadata"):
             if (fqn, None) not in where:
                 raise FormatError(f"no stored item for {fqn!r}", path)
@@ -207,6 +207,11 @@ def entries_of(directory: str, metadata: Any) -> list[Entry]:
         else:
             raise FormatError(f"{fqn!r} is described by neither tensor nor bytes metadata", path)
     return entries
+
+
+def _key_ok(key: Any, names: int) -> bool:
+    """A planner path's key: text, or a list index no larger than the names could fill."""
+    return type(key) is str or (type(key) is int and 0 <= key < names)
 
 
 def _item(directory: str, info: Record, sizes: dict[str, int], path: str) -> Item:
@@ -498,7 +503,11 @@ class DcpSource:
         root: dict = {}
         for e in self.entries:
             value = self.rows[e.fqn] if e.item is None else self.objects[e.fqn]
-            set_element(root, e.position, value)
+            try:
+                set_element(root, e.position, value)
+            except (TypeError, IndexError, KeyError, AttributeError):
+                where = os.path.join(self.directory, METADATA)
+                raise FormatError(f"the planner path of {e.fqn!r} runs into another name's", where) from None
         return root
 
 
@@ -513,7 +522,8 @@ def _holds_tensor(node: Any) -> bool:
 
 
 def set_element(root: dict, position: tuple, value: Any) -> None:
-    """Put VALUE at POSITION in ROOT, as torch's `_traverse.set_element` does."""
+    """Put VALUE at POSITION in ROOT, as torch's `_traverse.set_element` does, except that a
+    place already taken (two names nesting into one, which torch would overwrite) is a KeyError."""
     node: Any = root
     for key, following in zip(position, position[1:]):
         empty: Any = {} if type(following) is str else []
@@ -527,6 +537,10 @@ def set_element(root: dict, position: tuple, value: Any) -> None:
     key = position[-1]
     if isinstance(node, list):
         node.extend([None] * (key + 1 - len(node)))
+        if node[key] is not None:
+            raise KeyError(key)
+    elif key in node:
+        raise KeyError(key)
     node[key] = value
 
 

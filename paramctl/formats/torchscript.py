@@ -22,12 +22,16 @@ dict; the code cannot be kept, and an archive is never overwritten in place.
 from __future__ import annotations
 
 import ast
+import io
+import os
 import re
 from typing import Any
 
 from paramctl.errors import FormatError
 from paramctl.formats import Format, Probe, register
 from paramctl.formats.pytorch import (
+    WALK_MIN,
+    WALK_PER_BYTE,
     Opaque,
     RestrictedUnpickler,
     check_lengths,
@@ -131,10 +135,14 @@ def state_dict_rows(root: Any, declarations: Declarations, path: str) -> list[Te
     submodule's, depth first, named by attribute path."""
     rows: list[Tensor] = []
     made: dict[int, Tensor] = {}
+    # a submodule shared under several names is visited under each, as state_dict() does: a chain
+    # of modules each holding the next twice would be exponential, so the visits are bounded
+    budget = [max(WALK_MIN, WALK_PER_BYTE * os.path.getsize(path))]
 
     def module(node: Opaque, prefix: str, depth: int) -> None:
-        if depth > 200:
-            raise FormatError("modules nest too deeply", path)
+        budget[0] -= 1
+        if depth > 200 or budget[0] < 0:
+            raise FormatError("modules nest too deeply or are shared too often to be a state dict", path)
         _base, parameters, buffers = declarations.of(node.module, node.qualname)
         state = node.state if node.has_state else None
         if not isinstance(state, dict):
@@ -187,8 +195,6 @@ def load(path: str, source: str) -> Checkpoint:
         data = read_member(zf, members[pickles[0]], path)
     except ZIP_ERRORS as e:
         raise FormatError(f"invalid zip archive: {e}", path) from None
-    import io
-
     stream = io.BytesIO(data)
     check_lengths(stream, path)
     root = load_with(ScriptUnpickler(stream, storages, path))
