@@ -164,6 +164,11 @@ def new_shapes(
         also = f" (with {', '.join(tied)})" if tied else ""
         old, new = output.shape_text(r.old_shape), output.shape_text(r.new_shape)
         output.note(f"{r.tensor.name}{also}: {old} -> {new}" + (", old values kept where they overlap" if keep else ""))
+    if table.format == "keras":
+        output.note(
+            f"warning: {table.source}: the archive's config.json keeps the old layer sizes, so load_model refuses "
+            "a .keras written from this; write .weights.h5 and load_weights into the model built with the new sizes"
+        )
     apply_resizes(table, resizes, keep)
     return resizes
 
