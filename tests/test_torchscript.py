@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -204,3 +206,17 @@ def test_a_module_shared_at_every_level_is_refused_not_walked_exponentially(tmp_
     result = run("ls", str(path))
     assert result.exit_code == 2
     assert "modules nest too deeply or are shared too often to be a state dict" in result.stderr
+
+
+def test_reading_imports_no_torch(archives):
+    code = (
+        "import sys, runpy\n"
+        "for command in ('ls', 'stats', 'check'):\n"
+        "    sys.argv = ['paramctl', command, sys.argv[1]]\n"
+        "    try: runpy.run_module('paramctl', run_name='__main__')\n"
+        "    except SystemExit: pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'h5py', 'keras'}))"
+    )
+    path = str(archives["tied_scripted"][0])
+    out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "[]"
