@@ -15,6 +15,8 @@ import random
 import re
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +187,21 @@ def test_rewrite_is_byte_identical(tmp_path, name):
     out = tmp_path / ("out" + Path(name).suffix)
     assert run("convert", str(FIX / name), str(out)).exit_code == 0
     assert out.read_bytes() == (FIX / name).read_bytes()
+
+
+@pytest.mark.parametrize("command, heavy", [("ls", "numpy"), ("tree", "numpy"), ("info", "torch")])
+def test_listing_imports_nothing_heavy(command, heavy):
+    """Listing an MXNet file reads its headers: neither mxnet nor torch is imported (nor numpy by
+    ls and tree; info's counts use numpy)."""
+    code = (
+        "import sys, runpy\n"
+        f"sys.argv = ['paramctl', {command!r}, {str(FIX / 'model-0007.params')!r}]\n"
+        "try: runpy.run_module('paramctl', run_name='__main__')\n"
+        "except SystemExit: pass\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {{'torch', 'mxnet', 'h5py', {heavy!r}}}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "[]"
 
 
 def test_recognised_by_content_under_any_name(tmp_path):
