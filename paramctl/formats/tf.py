@@ -113,7 +113,7 @@ class Bundle:
 def load(path: str, source: str) -> Checkpoint:
     index = resolve_state_file(path) if is_state_file(path) else path
     if not index.endswith(".index"):
-        raise FormatError("an SSTable not named PREFIX.index: not a TensorFlow checkpoint index", path)
+        raise FormatError("an SSTable not named PREFIX.index: a TensorFlow index is read beside its data files", path)
     prefix = index[: -len(".index")]
     with open(index, "rb") as f:
         table = f.read()
