@@ -122,16 +122,17 @@ KERAS_LAYER_VARS: dict[str, tuple[str, ...]] = {
 }
 
 
-def leaf_of(name: str) -> str:
+def leaf_of(name: str, by_suffix: bool = False) -> str:
     """The last part of NAME split on `.` and `/`, without a TensorFlow `:0` suffix. A flat MXNet
     symbol name (`dense0_weight`; `arg:dense0_weight`, `aux:batchnorm0_running_mean` from
-    `export`) gives the suffix MXNet's Initializer matches it by (`weight`, `running_mean`)."""
+    `export`) gives the suffix MXNet's Initializer matches it by (`weight`, `running_mean`), as
+    does any unknown last part with BY_SUFFIX (an MXNet file: GluonNLP's `position_weight`)."""
     leaf = re.split(r"[./]", re.sub(r":\d+$|/\.ATTRIBUTES/VARIABLE_VALUE$", "", name))[-1]  # TF: k/.ATTRIBUTES/...
     rnn = GLUON_RNN.fullmatch(leaf)
     if rnn:
         return rnn["leaf"]
-    if leaf == name and leaf not in LEAF_ROLES:
-        flat = re.sub(r"^(arg|aux):", "", name)
+    if (leaf == name or by_suffix) and leaf not in LEAF_ROLES:
+        flat = re.sub(r"^(arg|aux):", "", leaf)
         for known in sorted((*LEAF_ROLES, "weight", "bias"), key=len, reverse=True):
             if flat.endswith("_" + known):
                 return known
@@ -198,6 +199,7 @@ class Roles:
 
     def __init__(self, ckpt: Checkpoint, layout: str):
         self.layout = layout
+        self.by_suffix = ckpt.format == "mxnet"  # roles by the name's end, as MXNet's Initializer
         self.tensors = {t.name: t for t in ckpt}
         self.layers = keras_layer_configs(getattr(ckpt.extra, "config", None))
         self.var_counts: dict[str, int] = {}
@@ -217,7 +219,7 @@ class Roles:
         m = KERAS_VARS.fullmatch(t.name)
         if m:
             return self.keras_var_role(t, m)
-        leaf = leaf_of(t.name)
+        leaf = leaf_of(t.name, self.by_suffix)
         rnn = TORCH_RNN.fullmatch(leaf)
         if rnn:
             return {"weight": "recurrent" if rnn["part"] == "hh" else "weight", "bias": "bias"}[rnn["kind"]]
@@ -261,7 +263,7 @@ class Roles:
         return "other"
 
     def target(self, t: Tensor, role: str) -> Target:
-        leaf = leaf_of(t.name)
+        leaf = leaf_of(t.name, self.by_suffix)
         layer = weight_fans = hidden = None
         rnn = TORCH_RNN.fullmatch(leaf)
         if rnn and self.layout == "torch":

@@ -262,6 +262,21 @@ def test_reinit_roles_of_gluon_layers():
     assert plans == [roles, ["embedding", *roles[1:]]]  # a flat name says embedding0_weight
 
 
+def test_reinit_roles_by_name_end_in_mxnet_files_only(tmp_path):
+    """MXNet's Initializer matches a name's end (GluonNLP's `position_weight` is a weight); in a
+    file of another format such a name has no role paramctl can be sure of."""
+    names = ["encoder.position_weight", "encoder.proj_bias"]
+    data = nd_file([record((2, 3), 0, f32(*range(6))), record((2,), 0, f32(1, 2))], names)
+    (tmp_path / "bert.params").write_bytes(data)
+    assert run("convert", str(tmp_path / "bert.params"), str(tmp_path / "bert.safetensors")).exit_code == 0
+    roles = {}
+    for name in ("bert.params", "bert.safetensors"):
+        result = run("reinit", str(tmp_path / name), "--init", "mxnet_default", "--dry-run", "--seed", "0")
+        plan = [line for line in result.stderr.splitlines()[2:] if line.startswith("paramctl:   ")]
+        roles[name] = [re.split(r"\s{2,}", line)[3] for line in plan]
+    assert roles == {"bert.params": ["weight", "bias"], "bert.safetensors": ["other", "other"]}
+
+
 def test_legacy_layouts_and_devices(tmp_path):
     write(tmp_path, LEGACY)
     for name, (_, want) in LEGACY.items():
