@@ -90,9 +90,13 @@ def random_object(rng: random.Random) -> Any:
         elif kind < 0.3 and t.is_floating_point():
             t = torch.nn.Parameter(t, requires_grad=False)
         sd[f"layer{i}.{rng.choice(['weight', 'bias', 'running_mean'])}"] = t
+    if rng.random() < 0.1:  # a numpy array: a row too
+        sd["array"] = random_tensor(rng).float().numpy()
     shape = rng.random()
-    if shape < 0.6:
+    if shape < 0.5:
         return sd
+    if shape < 0.6:  # hyper-parameters in an object paramctl keeps opaque (torch's safe load refuses it)
+        return {"state_dict": sd, "hparams": argparse.Namespace(lr=0.1, layers=[2, 3])}
     if shape < 0.8:
         return {"epoch": rng.randint(0, 9), "state_dict": sd, "lr": 0.1, "names": ["a", "b"]}
     return {"model": sd, "optimizer": {"state": {0: {"step": random_tensor(rng)}}, "param_groups": [{"lr": 0.01}]}}
@@ -565,12 +569,15 @@ TORCH_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16
 
 def reference_rows(path: str, kind: str) -> list[list]:
     if kind.startswith("pt"):
+        import numpy as np
         import torch
 
         obj = torch.load(path, weights_only=True, map_location="cpu")
         rows: list[list] = []
 
         def walk(node: Any, keys: tuple) -> None:
+            if isinstance(node, np.ndarray):
+                node = torch.from_numpy(node)
             if isinstance(node, torch.Tensor):
                 name = ".".join(map(str, keys)) or "tensor"
                 rows.append([name, list(node.shape), str(node.dtype).removeprefix("torch."), digest(torch_bytes(node))])

@@ -195,6 +195,7 @@ MAX_EMPTY_LISTS = 4096
 # a dataset not stored contiguously (chunked, compressed, or only a fill value) may claim at most
 # this many times the file's bytes: what deflate reaches at best
 MAX_EXPANSION = 1032
+MAX_CHUNK = 64 << 20  # bytes of one decoded chunk, beyond the file's size (h5py's own aim at most 1 MiB)
 
 
 def empty_lists(shape: tuple[int, ...]) -> int:
@@ -428,6 +429,8 @@ def read_dataset(image: H5Image, name: str, start: int, length: int) -> bytes:
     with image.reading() as f:
         ds = f[name]
         size = ds.dtype.itemsize
+        if ds.chunks and math.prod(ds.chunks) * size > MAX_CHUNK + image.nbytes:  # decoded whole by libhdf5
+            raise FormatError(f"dataset {name!r} has chunks of {math.prod(ds.chunks) * size} bytes", image.path)
         if start % size or length % size:
             raise FormatError(f"a read of dataset {name!r} that splits its elements", image.path)
         blocks = flat_blocks(start // size, (start + length) // size, ds.shape)

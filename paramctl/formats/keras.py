@@ -43,11 +43,10 @@ def load(path: str, source: str) -> Checkpoint:
             raise FormatError(f"not a .keras archive: no {WEIGHTS}", path)
         info = members[WEIGHTS]
         try:
-            storage = member_storage(zf, info, path)
-            if storage.load is None:
-                weights = hdf5.H5Image(path, WEIGHTS, storage.offset, info.file_size)
-            else:
-                weights = hdf5.H5Image(path, WEIGHTS, data=bytes(storage.read()))
+            if info.compress_type == zipfile.ZIP_STORED:
+                weights = hdf5.H5Image(path, WEIGHTS, member_storage(zf, info, path).offset, info.file_size)
+            else:  # an HDF5 file is read at random: decompressed whole (at most 1032 times its size)
+                weights = hdf5.H5Image(path, WEIGHTS, data=read_member(zf, info, path))
             config, metadata = (
                 read_member(zf, members[n], path) if n in members else None for n in ("config.json", "metadata.json")
             )

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import functools
+import os
 import struct
 import zipfile
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from paramctl import remote
 from paramctl.errors import FormatError
@@ -56,9 +56,45 @@ def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> bytes:
 
 
 def member_storage(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> Storage:
-    """A storage over a zip member: a file region when stored, else decompressed on first read."""
+    """A storage over a zip member: a file region when stored, else decompressed a range at a
+    time as it is read (never whole: a deflated member may claim 1032 times its size)."""
     if info.compress_type == zipfile.ZIP_STORED:
         with open_path(path) as f:
             offset = member_offset(f, info)
         return Storage(info.file_size, path=path, offset=offset)
-    return Storage(info.file_size, path=path, load=functools.partial(read_member, zf, info, path))
+    archive = remote.size(path)
+    if info.compress_size > archive or info.file_size > max(archive, 1) * 1032:
+        raise FormatError(f"zip member {info.filename} claims {info.file_size} bytes", path)
+    return Storage(info.file_size, path=path, reader=MemberReader(path, info))
+
+
+class MemberReader:
+    """Ranges of a compressed member, decompressed as they are asked for: reading on from where
+    the last read ended costs only the new bytes (a pass over a tensor, chunk by chunk); a read
+    behind it starts over. The archive is opened anew in each process, as a forked helper (stats)
+    must not share the parent's file offset."""
+
+    def __init__(self, path: str, info: zipfile.ZipInfo):
+        self.path, self.info = path, info
+        self.stream: IO[bytes] | None = None
+        self.pos, self.pid = 0, 0
+
+    def __call__(self, start: int, length: int) -> bytes:
+        try:
+            if self.stream is None or start < self.pos or self.pid != os.getpid():
+                self.stream = zipfile.ZipFile(open_path(self.path)).open(self.info)  # noqa: SIM115 - kept open
+                self.pos, self.pid = 0, os.getpid()
+            while self.pos < start:
+                skipped = len(self.stream.read(min(start - self.pos, 1 << 22)))
+                if not skipped:
+                    break
+                self.pos += skipped
+            data = self.stream.read(length)
+        except ZIP_ERRORS as e:
+            self.stream = None
+            raise FormatError(f"invalid zip member {self.info.filename}: {e}", self.path) from None
+        self.pos += len(data)
+        return data
+
+    def __getstate__(self) -> dict:  # a stream does not cross processes; it is reopened there
+        return {**self.__dict__, "stream": None, "pid": 0}
