@@ -165,7 +165,9 @@ def write_checkpoint(
         raise UsageError(f"{len(quantized)} quantized tensors ({shown}): convert with --dequantize to write float32")
     fmt = output_format(target, ckpt, to)
     ckpt = fit_layout(ckpt, target, fmt)  # Keras finds weights by layout: rewritten into the target's, or refused
-    for loss in losses(ckpt, fmt, writes_shards(target, shard_size)):
+    from paramctl.formats.sharded import makes_shards
+
+    for loss in losses(ckpt, fmt, writes_shards(target, shard_size) and makes_shards(ckpt, target, fmt, shard_size)):
         output.note(f"warning: {loss}")
     save(ckpt, target, fmt, shard_size)
 

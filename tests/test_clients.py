@@ -770,3 +770,13 @@ def test_lightning_checkpoint_set_and_cast_load(lightning_run, tmp_path):
     assert torch.load(half, weights_only=False)["state_dict"]["net.0.weight"].dtype == torch.float16
     state = lightning_run.module.load_from_checkpoint(half).state_dict()
     assert all(torch.equal(state[n], v.half().float()) for n, v in original.items())
+
+
+def test_lightning_checkpoint_written_into_a_directory_keeps_its_name_and_entries(lightning_run, tmp_path):
+    out = tmp_path / "out"
+    result = run("convert", str(lightning_run.ckpt), f"{out}/")
+    assert result.exit_code == 0 and result.stderr == ""  # one .ckpt: no "holds tensors only" warning
+    assert [p.name for p in out.iterdir()] == [lightning_run.ckpt.name]
+    written = out / lightning_run.ckpt.name
+    assert torch.load(written, weights_only=False).keys() == torch.load(lightning_run.ckpt, weights_only=False).keys()
+    resume(lightning_run, written)

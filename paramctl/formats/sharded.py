@@ -303,10 +303,7 @@ def save(ckpt: Checkpoint, target: str, fmt: str, shard_size: int | None = None)
     if target == "-":
         raise UsageError("a sharded checkpoint is several files: name an index path or a directory, not '-'")
     refuse_another_format_in_place(ckpt, target, fmt)
-    source = ckpt.extra if isinstance(ckpt.extra, ShardedSource) else None
-    resplit = source is None or shard_size is not None
-    one_file = fmt not in SHARD_FORMATS or len(split(ckpt.tensors, shard_size or DEFAULT_SHARD_SIZE)) == 1
-    if into_directory(target) and resplit and one_file:
+    if not makes_shards(ckpt, target, fmt, shard_size):
         os.makedirs(target, exist_ok=True)
         name = weights_name(ckpt, fmt)
         save_file(ckpt, os.path.join(target, name), fmt)
@@ -320,6 +317,17 @@ def save(ckpt: Checkpoint, target: str, fmt: str, shard_size: int | None = None)
     if into_directory(target):
         remove_previous(target, os.path.basename(index).removesuffix(INDEX_SUFFIX), written)
     copy_companions(ckpt, os.path.dirname(os.path.abspath(index)))
+
+
+def makes_shards(ckpt: Checkpoint, target: str, fmt: str, shard_size: int | None) -> bool:
+    """Whether `save` writes CKPT as shards plus an index for TARGET (an index path, a directory,
+    or with SHARD_SIZE), or as one file in the directory TARGET: a checkpoint split anew (not
+    sharded, or SHARD_SIZE) that fits one shard, or a format that has no shards."""
+    if not into_directory(target):
+        return True
+    resplit = not isinstance(ckpt.extra, ShardedSource) or shard_size is not None
+    one_file = fmt not in SHARD_FORMATS or len(split(ckpt.tensors, shard_size or DEFAULT_SHARD_SIZE)) == 1
+    return not (resplit and one_file)
 
 
 def refuse_another_format_in_place(ckpt: Checkpoint, target: str, fmt: str) -> None:
