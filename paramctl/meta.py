@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -98,9 +99,17 @@ def edit_hdf5(path: str, target: str, set_: dict[str, str], unset: Sequence[str]
     from paramctl.formats import atomic_path
 
     limit = EDIT_SECONDS + os.path.getsize(path) / 50e6
-    with atomic_path(target) as tmp:
-        shutil.copyfile(path, tmp)
-        in_child(set_attributes, (tmp, set_, list(unset), path), limit, path, "editing the attributes")
+    # libhdf5 wants a file with a real name (it resolves the path it opens; the atomic writer's
+    # unnamed file has none): edit a named scratch copy, then write that into place
+    fd, scratch = tempfile.mkstemp(suffix=".h5", prefix=".paramctl-meta-")
+    os.close(fd)
+    try:
+        shutil.copyfile(path, scratch)
+        in_child(set_attributes, (scratch, set_, list(unset), path), limit, path, "editing the attributes")
+        with atomic_path(target) as tmp:
+            shutil.copyfile(scratch, tmp)
+    finally:
+        os.unlink(scratch)
 
 
 def set_attributes(file: str, set_: dict[str, str], unset: list[str], path: str) -> None:
