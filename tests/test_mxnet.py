@@ -223,6 +223,14 @@ def test_sparse_arrays_are_refused_by_name(name, array, kind):
     )
 
 
+def test_a_legacy_0d_array_is_refused():
+    """MXNet 1.x outside numpy semantics writes nd.array(3.5) as V2 ndim 0 followed by its data,
+    which nd.load reads as an empty handle and then fails on ('Unknown type enum')."""
+    result = run("ls", str(FIX / "legacy-0d.nd"))
+    assert result.exit_code == 2
+    assert "array #0 is an empty NDArray handle (V2 ndim 0" in result.stderr
+
+
 @pytest.mark.parametrize("prefix", ["", "d2l-"])
 def test_tied_by_value_finds_gluon_shared_parameters(prefix):
     result = run("tied", str(FIX / f"{prefix}shared.params"), "--by-value")
@@ -595,6 +603,8 @@ def mx(tmp_path_factory):
             jobs.append(
                 {"id": name, "path": str(out / name), "np": False, "load": "nd", "npz": str(out / f"{name}.mx.npz")}
             )
+    legacy_0d = {"id": "legacy-0d", "path": str(fresh / "legacy-0d.nd"), "np": False, "load": "nd"}
+    jobs.append({**legacy_0d, "npz": str(out / "legacy-0d.mx.npz")})
     (out / "jobs.json").write_text(json.dumps(jobs))
     results = run_in("mxnet", VERIFY, str(out / "jobs.json"))
     return {
@@ -677,6 +687,7 @@ def test_legacy_records_agree_with_nd_load(mx):
 
 
 def test_refusals_agree_with_nd_load(mx):
+    assert "Unknown type enum" in mx["results"]["legacy-0d"]["error"]
     for name, (_, _, mxnet_refuses) in REFUSED.items():
         if mxnet_refuses is None:
             continue
