@@ -110,7 +110,7 @@ def fold(adapter_dir: str, base: Checkpoint, dtype: str | None = None) -> Checkp
             raise UsageError(f"adapter tensor {t.name!r} is not a LoRA A or B matrix: not supported", adapter_dir)
         pairs.setdefault(m.group(1), {})[m.group(2)] = t
     names = {t.name for t in base.tensors}
-    replaced: dict[str, Tensor] = {}
+    replaced: dict[tuple, Tensor] = {}  # by view: a folded weight changes every name of its tie, as in peft
     for module, ab in pairs.items():
         if set(ab) != {"lora_A", "lora_B"}:
             raise FormatError(f"module {module!r} has {', '.join(ab)} but not both lora_A and lora_B", adapter_dir)
@@ -135,13 +135,15 @@ def fold(adapter_dir: str, base: Checkpoint, dtype: str | None = None) -> Checkp
                 f" but {target.name!r} is {list(target.shape)}",
                 adapter_dir,
             )
-        replaced[target.name] = computed(target, dtype or target.dtype, folded(target, a, b, scale, fan_in_fan_out))
+        if target.view_key() in replaced:
+            raise FormatError(f"two adapted modules share the weight {target.name!r}", adapter_dir)
+        made = computed(target, dtype or target.dtype, folded(target, a, b, scale, fan_in_fan_out))
+        replaced[target.view_key()] = made
     tensors: list[Tensor] = []
     for t in base.tensors:
-        key = t.tie if t.tie in replaced else t.name
-        if key in replaced:
-            made = replaced[key]
-            tensors.append(ComputedTensor(t.name, t.shape, made.dtype, made.storage, attrs=dict(t.attrs)))
+        if t.view_key() in replaced:
+            new = replaced[t.view_key()]
+            tensors.append(ComputedTensor(t.name, t.shape, new.dtype, new.storage, attrs=dict(t.attrs)))
         else:
             tensors.append(t)
     return Checkpoint(base.source, base.format, tensors, dict(base.metadata), base.extra)

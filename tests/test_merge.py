@@ -445,3 +445,34 @@ def test_lora_extract_gpt2_conv1d_is_the_best_rank_r_approximation(models, tmp_p
         delta = (tuned[module + ".weight"] - base[module + ".weight"]).T.astype(np.float64)
         u, s, vh = np.linalg.svd(delta, full_matrices=False)
         np.testing.assert_allclose(b @ a, (u[:, :3] * s[:3]) @ vh[:3], atol=1e-5)
+
+
+def test_lora_on_a_tied_weight_changes_the_tie_and_keeps_it(tmp_path):
+    """An adapter on a head tied to the embedding (one storage in the .pt) changes both names, as
+    peft changes the one shared parameter, and the output still stores them once."""
+    from safetensors.torch import save_file
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+    torch.manual_seed(0)
+    model = Tied()
+    torch.save(model.state_dict(), tmp_path / "base.pt")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    a, b = torch.randn(2, 4), torch.randn(10, 2)
+    save_file(
+        {"base_model.model.head.lora_A.weight": a, "base_model.model.head.lora_B.weight": b},
+        str(adapter / "adapter_model.safetensors"),
+    )
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    out = tmp_path / "out.pt"
+    assert run("merge", "--lora", str(adapter), str(tmp_path / "base.pt"), "-o", str(out)).exit_code == 0
+    sd = torch.load(out, weights_only=True)
+    want = model.emb.weight.detach() + 2.0 * b @ a
+    torch.testing.assert_close(sd["head.weight"], want)
+    assert sd["emb.weight"].data_ptr() == sd["head.weight"].data_ptr()
