@@ -35,7 +35,9 @@ MERGE_CHUNK = 1 << 20  # elements per streamed chunk: 4 MiB in float32
 DOT_THRESHOLD = 0.9995  # mergekit's: above it, slerp falls back to lerp
 EPS = 1e-8  # mergekit's: a tensor of a smaller norm is not normalized
 
-Chunks = Callable[[int], Iterator["np.ndarray"]]  # elements per chunk -> float32 chunks in C order
+# elements per chunk -> float32 chunks in C order; a chunk may be overwritten by the next one (the
+# buffers are reused), so a consumer writes or copies it before asking for more
+Chunks = Callable[[int], Iterator["np.ndarray"]]
 
 
 @dataclass(eq=False)
