@@ -502,6 +502,7 @@ def test_transformers_4_loads_the_outputs(zoo, lora, tmp_path):
     convert(gpt2, "bin", "gpt2-st-sharded", "--to", "safetensors", "--shard-size", SHARD)
     convert(gpt2, "bin-sharded", "gpt2-st-from-shards", "--to", "safetensors", "--shard-size", "5GB")
     convert(gpt2, "st-sharded", "gpt2-bin", "--to", "pt", "--shard-size", "5GB")
+    convert(gpt2, "st", "gpt2-bin-sharded", "--to", "pt", "--shard-size", SHARD)
     convert(t5, "bin", "t5-st", "--to", "safetensors")
     convert(zoo["bart"], "bin", "bart-st-sharded", "--to", "safetensors", "--shard-size", SHARD)
     convert(zoo["bert-mlm"], "bin", "bert-mlm-st", "--to", "safetensors")
