@@ -389,6 +389,16 @@ def test_dtypes_mxnet_cannot_load_are_refused(tmp_path):
     assert "MXNet cannot store 'a': dtype int16" in result.stderr
 
 
+def test_keras_layout_said_on_conversion(tmp_path):
+    from conftest import SAMPLES
+
+    out = tmp_path / "k.params"
+    result = run("convert", str(SAMPLES / "mlp.h5"), str(out))
+    assert result.exit_code == 0
+    assert "warning: the tensors keep Keras's axis order, (*k, in, out)" in result.stderr
+    assert rows(out)[0] == ("model_weights/dense/sequential/dense/kernel", [20, 256], "float32")
+
+
 def test_gluon_shared_parameters_reinitialized_together(tmp_path):
     """An MXNet file keeps no tie, so tie the copies in a .pt, then write .params from it."""
     tied, out = tmp_path / "t.pt", tmp_path / "r.params"

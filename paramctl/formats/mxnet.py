@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from paramctl.dtypes import itemsize
 from paramctl.errors import FormatError, UsageError
-from paramctl.formats import Format, Probe, dropped_entries, register
+from paramctl.formats import Format, Probe, dropped_entries, layout, register
 from paramctl.table import INT64_MAX, Checkpoint, Storage, Tensor, check_shape
 
 FILE_MAGIC = 0x112
@@ -307,6 +307,11 @@ def _losses(ckpt: Checkpoint, sharded: bool) -> list[str]:
     if groups:
         shown = "; ".join(" = ".join(g) for g in groups[:3]) + (f"; {len(groups) - 3} more" if len(groups) > 3 else "")
         lost.append(f"mxnet stores tied tensors as equal copies, as Gluon does ({shown})")
+    if layout(ckpt) == "keras":
+        lost.append(
+            "the tensors keep Keras's axis order, (*k, in, out); Gluon's Dense and Conv layers hold "
+            "(out, in, *k): transpose the kernels before load_parameters"
+        )
     scalars = [t.name for t in ckpt.tensors if not t.shape]
     source = _source_file(ckpt)
     if scalars and not (source is not None and source.np_shape):
