@@ -325,3 +325,23 @@ def test_a_directory_is_not_replaced_in_place_by_another_format(tmp_path):
     assert run("cast", str(directory), "--dtype", "float16", "--in-place").exit_code == 0
     assert sorted(os.listdir(directory)) == ["config.json", "model.safetensors"]
     assert {r["dtype"] for r in ls(directory)} == {"float16"}
+
+
+def test_safetensors_shards_without_format_metadata_are_rewritten_with_it(tmp_path):
+    """transformers 4 refuses a shard whose metadata lacks `format`: an edit does not copy such a
+    shard as it is, though its tensors are unchanged."""
+    from safetensors.torch import save_file
+
+    sd = state_dict()
+    weight_map = {}
+    for i, names in enumerate([NAMES[:4], NAMES[4:]], 1):
+        save_file({n: sd[n] for n in names}, tmp_path / f"model-0000{i}-of-00002.safetensors", {"note": "x"})
+        weight_map.update(dict.fromkeys(names, f"model-0000{i}-of-00002.safetensors"))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    out = tmp_path / "out"
+    assert run("set", str(index), "layers.0.bias[0]", "1", "-o", f"{out}/").exit_code == 0
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        with safe_open(str(out / shard), "pt") as f:
+            assert f.metadata() == {"format": "pt", "note": "x"}
+    assert transformers_read(out / "model.safetensors.index.json").keys() == sd.keys()

@@ -273,7 +273,12 @@ def plan(ckpt: Checkpoint, index: str, fmt: str, shard_size: int | None) -> list
         )
     for p in planned:
         if p.source is not None:
-            p.unchanged = fmt == source.shard_format and p.source.rows == [row_state(t) for t in p.rows]
+            p.unchanged = (
+                fmt == source.shard_format
+                and p.source.rows == [row_state(t) for t in p.rows]
+                # a safetensors shard without `format` metadata is rewritten with it (transformers 4)
+                and (fmt != "safetensors" or "format" in p.source.ckpt.metadata)
+            )
             if in_place or (same_dir and p.unchanged):
                 p.file, p.keep = p.source.file, p.unchanged
     inputs = {s.file for s in source.shards}
