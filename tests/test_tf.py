@@ -387,6 +387,7 @@ EDITS = [
         ["set", "{src}", "model/layer_with_weights-1/bias/.ATTRIBUTES/VARIABLE_VALUE", "7", "-o", "{dir}/"],
         "checkpoint",
     ),
+    ("manager-merge", "manager", ["merge", "{src}/ckpt-2", "{src}", "-o", "{out}"], "checkpoint"),
     ("train-rename", "train", ["rename", "{src}", "s/layer_with_weights-0/hidden/", "-o", "{out}"], "checkpoint"),
     ("dtypes-copy", "dtypes", ["convert", "{src}", "{out}.index"], None),
     ("shards-copy", "shards", ["convert", "{src}", "{out}"], None),

@@ -632,7 +632,11 @@ def encode_strings(values: list[bytes]) -> bytes:
 def updated_graph(ckpt: Checkpoint, bundle: Bundle, graph: StringEntry) -> bytes | None:
     """The object graph with each variable's `checkpoint_key` following a rename, and the
     attributes of removed tensors dropped (None: nothing changed, the stored bytes are kept)."""
-    current = {t.attrs["tf_key"].encode(): t.name.encode() for t in ckpt.tensors if "tf_key" in t.attrs}
+    current = {}  # key read -> key written; a tensor made anew (merge) keeps the key of its name
+    for t in ckpt.tensors:
+        key = t.attrs.get("tf_key") or (t.name if t.name in bundle.tensor_keys else None)
+        if key is not None:
+            current[key.encode()] = t.name.encode()
     if all(old == new for old, new in current.items()) and len(current) == len(bundle.tensor_keys):
         return None
     if graph.shape != ():
