@@ -345,3 +345,33 @@ def test_safetensors_shards_without_format_metadata_are_rewritten_with_it(tmp_pa
         with safe_open(str(out / shard), "pt") as f:
             assert f.metadata() == {"format": "pt", "note": "x"}
     assert transformers_read(out / "model.safetensors.index.json").keys() == sd.keys()
+
+
+def test_only_a_save_pretrained_source_brings_its_directorys_files(tmp_path):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    hf, plain, distributed = tmp_path / "hf", tmp_path / "plain", tmp_path / "dcp"
+    for directory in (hf, plain):
+        directory.mkdir()
+        (directory / "config.json").write_text("{}")
+    (hf / "tokenizer.json").write_text("{}")
+    (hf / "optimizer.pt").write_bytes((SAMPLES / "mlp.pt").read_bytes())
+    (hf / ".hidden").write_text("")
+    (hf / "pytorch_model.bin").write_bytes((SAMPLES / "mlp.pt").read_bytes())
+    (plain / "net.pt").write_bytes((SAMPLES / "mlp.pt").read_bytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(3)}, checkpoint_id=distributed)
+    (distributed / "config.json").write_text("{}")
+    result = run("convert", str(hf), f"{tmp_path / 'out-hf'}/", "--to", "safetensors")
+    assert result.exit_code == 0 and result.stderr == (
+        f"paramctl: copied config.json, tokenizer.json from {hf} beside the weights\n"
+    )
+    assert sorted(os.listdir(tmp_path / "out-hf")) == ["config.json", "model.safetensors", "tokenizer.json"]
+    for source in (plain / "net.pt", distributed):
+        out = tmp_path / f"out-{source.name}"
+        result = run("convert", str(source), f"{out}/", "--to", "safetensors")
+        assert result.exit_code == 0 and result.stderr == "", result.stderr
+        assert [p.suffix for p in out.iterdir()] == [".safetensors"]

@@ -432,8 +432,9 @@ def copy_companions(ckpt: Checkpoint, directory: str) -> None:
     """Copy the non-weight files of a save_pretrained source directory (config.json,
     generation_config.json, adapter_config.json, tokenizer and scheduler files) into DIRECTORY,
     where it lacks them, so that `from_pretrained(DIRECTORY)` loads the weights written there;
-    say which on stderr. Only when the source is a directory or a file named as save_pretrained
-    names weights (`model.safetensors`, an index): a lone `~/model.pt` brings nothing with it.
+    say which on stderr. Only when the source is a save_pretrained directory or a file named as
+    save_pretrained names weights (`model.safetensors`, an index): a lone `~/model.pt`, a DCP or a
+    TensorFlow checkpoint directory bring nothing with them.
     Checkpoints, hidden files, sub-directories and files over COMPANION_LIMIT stay behind."""
     from paramctl import output
     from paramctl.formats import atomic_path
@@ -444,6 +445,8 @@ def copy_companions(ckpt: Checkpoint, directory: str) -> None:
         return
     source_dir = os.path.dirname(os.path.abspath(read))
     if not (os.path.isdir(ckpt.source) or os.path.basename(read) in WEIGHTS_FILES):
+        return
+    if ckpt.format not in ("sharded", *SHARD_FORMATS):  # a DCP or TensorFlow directory: none of this
         return
     if os.path.realpath(source_dir) == os.path.realpath(directory):
         return
