@@ -43,8 +43,8 @@ def ls_command(ckpt: str, pattern: str | None, exclude: tuple[str, ...], by_para
         states = optimizer.find(table)
         for line in optimizer.unmapped_notes(states):
             output.note(line)
-        rows = optimizer.matching(optimizer.slot_rows(table, states), pattern, exclude, table.source)
-        output.emit(rows, optimizer.LS_COLUMNS, output.resolve(fmt), title=ckpt)
+        slots = optimizer.matching(optimizer.slot_rows(table, states), pattern, exclude, table.source)
+        output.emit(slots, optimizer.LS_COLUMNS, output.resolve(fmt), title=ckpt)
         return
     rows = selected(table, pattern, exclude)
     numel, nbytes = unique_numel(rows)

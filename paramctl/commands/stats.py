@@ -101,8 +101,8 @@ def stats_command(
         states = optimizer.find(table)
         for line in optimizer.unmapped_notes(states):
             output.note(line)
-        rows = optimizer.matching(optimizer.slot_stats(states), pattern, exclude, table.source)
-        output.emit(rows, optimizer.STATS_COLUMNS, output.resolve(fmt), title=ckpt)
+        slots = optimizer.matching(optimizer.slot_stats(states), pattern, exclude, table.source)
+        output.emit(slots, optimizer.STATS_COLUMNS, output.resolve(fmt), title=ckpt)
         return
     from paramctl.stats import sparkline, stats_rows
 
