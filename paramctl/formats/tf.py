@@ -23,7 +23,10 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
+from paramctl.atomic import TEMP_SUFFIX, unnamed_file
+from paramctl.atomic import _link_into_place as link_into_place
 from paramctl.dtypes import itemsize
 from paramctl.errors import FormatError, ParamctlError, UsageError
 from paramctl.formats import Format, Probe, dropped_entries, register
@@ -518,14 +521,12 @@ def save(ckpt: Checkpoint, path: str) -> None:
     items.sort(key=lambda item: item[0])
     directory = os.path.dirname(os.path.abspath(prefix))
     os.makedirs(directory, exist_ok=True)
-    data_path = f"{prefix}.data-00000-of-00001"
-    temps: list[str] = []
+    outputs = [Pending(f"{prefix}.data-00000-of-00001"), Pending(prefix + ".index")]
     try:
-        data_tmp = _temp(directory, data_path, temps)
         table = TableWriter()
         table.add(b"", HEADER)
         offset = 0
-        with open(data_tmp, "wb") as out:
+        with outputs[0].open() as out:
             for key, item in items:
                 if isinstance(item, StringEntry):  # verbatim (checked against its CRC as it is read)
                     if item is graph and graph_raw is not None:
@@ -545,24 +546,19 @@ def save(ckpt: Checkpoint, path: str) -> None:
                 size = item.nbytes
                 table.add(key, entry_proto(TO_DTYPE[item.dtype], item.shape, offset, size, mask(register ^ 0xFFFFFFFF)))
                 offset += size
-            out.flush()
-            os.fsync(out.fileno())
-        index_tmp = _temp(directory, prefix + ".index", temps)
-        with open(index_tmp, "wb") as out:
+        with outputs[1].open() as out:
             out.write(table.finish())
-            out.flush()
-            os.fsync(out.fileno())
-        state_tmp = _state_file(directory, prefix, temps) if into_directory else None
-        os.replace(data_tmp, data_path)  # data first, index last: an index never names missing data
-        os.replace(index_tmp, prefix + ".index")
-        if state_tmp:
-            os.replace(state_tmp, os.path.join(directory, STATE_FILE))
+        if into_directory:
+            outputs.append(Pending(os.path.join(directory, STATE_FILE)))
+            with outputs[2].open() as out:
+                out.write(state_file(directory, prefix).encode())
+        for output in outputs:  # data first, index last: an index never names missing data
+            output.commit()
     except OSError as e:
         raise ParamctlError(f"cannot write: {e.strerror or e}", path) from None
     finally:
-        for tmp in temps:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        for output in outputs:
+            output.close()
     if bundle is not None and os.path.realpath(bundle.prefix) == os.path.realpath(prefix):
         _remove_stale_shards(prefix)
     source_model = saved_model_of(bundle.prefix) if bundle is not None else None
@@ -573,33 +569,64 @@ def save(ckpt: Checkpoint, path: str) -> None:
             raise ParamctlError(f"cannot copy the SavedModel's other files: {e.strerror or e}", path) from None
 
 
-def _temp(directory: str, target: str, temps: list[str]) -> str:
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".paramctl-tmp", dir=directory)
-    os.close(fd)
-    temps.append(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return tmp
+class Pending:
+    """One output file, written whole before any is put in place: an unnamed file linked into
+    place at `commit` where the system has them (a killed write leaves nothing behind), else a
+    named temporary file beside the target, renamed over it."""
+
+    def __init__(self, target: str):
+        self.target = target
+        self.directory = os.path.dirname(os.path.abspath(target))
+        self.tmp: str | None = None
+        fd = unnamed_file(self.directory)
+        if fd is None:
+            fd, self.tmp = tempfile.mkstemp(
+                prefix=f".{os.path.basename(target)}.", suffix=TEMP_SUFFIX, dir=self.directory
+            )
+        self.fd: int | None = fd
+
+    def open(self) -> BinaryIO:
+        assert self.fd is not None
+        return open(self.fd, "wb", closefd=False)  # noqa: SIM115 - the caller closes it
+
+    def commit(self) -> None:
+        assert self.fd is not None
+        os.fsync(self.fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(self.fd, 0o666 & ~umask)
+        if self.tmp is None:
+            link_into_place(self.fd, self.directory, self.target)
+        else:
+            os.replace(self.tmp, self.target)
+            self.tmp = None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
 
 
-def _state_file(directory: str, prefix: str, temps: list[str]) -> str:
+def state_file(directory: str, prefix: str) -> str:
     """A `checkpoint` state file naming PREFIX as the latest: an existing one keeps its list
     (PREFIX added to it), as tf.train.Checkpoint.save updates it."""
     name = os.path.basename(prefix)
     quoted = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
     lines = []
-    with contextlib.suppress(OSError), open(os.path.join(directory, STATE_FILE), encoding="utf-8") as f:
+    with (
+        contextlib.suppress(OSError),
+        open(os.path.join(directory, STATE_FILE), encoding="utf-8", errors="replace") as f,
+    ):
         lines = [line.rstrip("\n") for line in f if not line.startswith("model_checkpoint_path:")]
     listed = f"all_model_checkpoint_paths: {quoted}"
     if listed not in lines:
         lines = [line for line in lines if not line.startswith("all_model_checkpoint_timestamps:")]
         at = max((i + 1 for i, line in enumerate(lines) if line.startswith("all_model_checkpoint_paths:")), default=0)
         lines.insert(at, listed)
-    tmp = _temp(directory, os.path.join(directory, STATE_FILE), temps)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join([f"model_checkpoint_path: {quoted}", *lines]) + "\n")
-    return tmp
+    return "\n".join([f"model_checkpoint_path: {quoted}", *lines]) + "\n"
 
 
 def _remove_stale_shards(prefix: str) -> None:
