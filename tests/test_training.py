@@ -413,12 +413,13 @@ def lit_module():
         def __init__(self, args):
             super().__init__()
             self.save_hyperparameters()  # {"args": the Namespace}, as fairseq-style scripts do
-            self.body = nn.Sequential(nn.Linear(4, args.hidden), nn.BatchNorm1d(args.hidden))
-            self.head = nn.Linear(args.hidden, 3)
+            bias = getattr(args, "bias", True)
+            self.body = nn.Sequential(nn.Linear(4, args.hidden, bias=bias), nn.BatchNorm1d(args.hidden))
+            self.head = nn.Linear(args.hidden, getattr(args, "classes", 3))
 
         def training_step(self, batch, _):
-            x, y = batch
-            return nn.functional.mse_loss(self.head(self.body(x)), y)
+            x, _y = batch
+            return self.head(self.body(x)).pow(2).mean()
 
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=self.hparams.args.lr)
@@ -443,13 +444,17 @@ def test_lightning_checkpoint_edited_then_resumed(lightning_checkpoint, tmp_path
     saved = torch.load(edited, weights_only=False)
     assert saved["hyper_parameters"]["args"] == argparse.Namespace(lr=0.01, hidden=8)
     assert saved["optimizer_states"][0]["state"][4]["step"] == 0
-    for out, edit in [
-        (edited, None),
-        (tmp_path / "cast.ckpt", ("cast", "--dtype", "float16", "^state_dict\\.head")),
-        (tmp_path / "set.ckpt", ("set", "state_dict.body.0.bias[0]", "1")),
+    args = argparse.Namespace(lr=0.01, hidden=8)
+    for out, edit, sizes in [
+        (edited, None, {}),
+        (tmp_path / "cast.ckpt", ("cast", "--dtype", "float16", "^state_dict\\.head"), {}),
+        (tmp_path / "set.ckpt", ("set", "state_dict.body.0.bias[0]", "1"), {}),
+        (tmp_path / "rm.ckpt", ("rm", "^state_dict\\.body\\.0\\.bias$"), {"bias": False}),
+        (tmp_path / "five.ckpt", ("reinit", "^state_dict\\.head\\.", "--out", "5", "--init", "xavier"), {"classes": 5}),
     ]:
         if edit:
             assert run(edit[0], str(lightning_checkpoint), *edit[1:], "-o", str(out)).exit_code == 0
+        model = lit_module()(argparse.Namespace(**vars(args), **sizes))
         trainer = pl.Trainer(
             max_epochs=2,
             default_root_dir=tmp_path,
@@ -458,8 +463,10 @@ def test_lightning_checkpoint_edited_then_resumed(lightning_checkpoint, tmp_path
             enable_model_summary=False,
             enable_checkpointing=False,
         )
-        trainer.fit(lit_module()(argparse.Namespace(lr=0.01, hidden=8)), data(), ckpt_path=out, weights_only=False)
+        trainer.fit(model, data(), ckpt_path=out, weights_only=False)
         assert trainer.current_epoch == 2
+        states = trainer.optimizers[0].state
+        assert all(states[p]["exp_avg"].shape == p.shape for p in model.parameters())
 
 
 TF_SCRIPT = """
