@@ -486,3 +486,20 @@ def test_edits_did_what_they_say(tf_checks):
     assert made.exists()
     assert "no object graph" in tf_checks["stderr"]["from-safetensors"]
     assert results["from-safetensors"]["tensors"]["w"]["shape"] == [2, 3]
+
+
+def test_keys_that_expand_past_the_file_are_refused():
+    """Each key shares all of the previous one and adds a byte: 4 bytes of table per key, keys
+    growing without bound (quadratic work and memory) unless their total is capped."""
+    v = _sstable.varint
+    body = b"".join(v(n) + v(1) + v(0) + b"a" for n in range(60_000))
+    body += (0).to_bytes(4, "little") + (1).to_bytes(4, "little")
+    data = body + b"\x00" + _sstable.mask(_sstable.crc32c(body + b"\x00")).to_bytes(4, "little")
+    handle = v(0) + v(len(body))
+    index = v(0) + v(1) + v(len(handle)) + b"z" + handle + (0).to_bytes(4, "little") + (1).to_bytes(4, "little")
+    index_at = len(data)
+    data += index + b"\x00" + _sstable.mask(_sstable.crc32c(index + b"\x00")).to_bytes(4, "little")
+    footer = v(0) + v(0) + v(index_at) + v(len(index))
+    data += footer + b"\x00" * (40 - len(footer)) + _sstable.MAGIC.to_bytes(8, "little")
+    with pytest.raises(paramctl.FormatError, match="more than 16 times the table's size"):
+        list(_sstable.read_table(data))

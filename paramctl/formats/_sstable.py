@@ -19,6 +19,7 @@ FOOTER = 48
 BLOCK_TRAILER = 5  # type byte + masked crc32c
 BLOCK_SIZE = 262144  # TF cuts data blocks at this many bytes (table options block_size)
 RESTART_INTERVAL = 16
+KEY_EXPANSION = 16  # the prefix-compressed keys of a table may expand to at most this many times its size
 
 # --- CRC32C (Castagnoli), reflected, as TF/LevelDB compute it ---------------------------------
 
@@ -235,11 +236,16 @@ def read_table(data: bytes) -> Iterator[tuple[bytes, bytes]]:
     _, pos = _handle(footer, 0)
     index_handle, _ = _handle(footer, pos)
     limit = len(data) - FOOTER
+    budget = KEY_EXPANSION * len(data) + (1 << 20)  # shared prefixes let keys outgrow the file
     for _, handle in _block_entries(_block(data, index_handle, limit, "index")):
         inner, end = _handle(handle, 0)
         if end != len(handle):
             raise FormatError("index entry is not a block handle")
-        yield from _block_entries(_block(data, inner, limit, "data"))
+        for key, value in _block_entries(_block(data, inner, limit, "data")):
+            budget -= len(key)
+            if budget < 0:
+                raise FormatError(f"keys add up to more than {KEY_EXPANSION} times the table's size; refused")
+            yield key, value
 
 
 def _handle(buf: bytes, pos: int) -> tuple[tuple[int, int], int]:
