@@ -38,11 +38,13 @@ def roles(ckpt: Checkpoint) -> dict[int, str]:
     root = ckpt.extra if ckpt.format in ("pt", "pt-legacy") else None
     if not isinstance(root, dict):
         return {id(t): OPTIMIZER if t.name.startswith(OPTIMIZER_PREFIXES) else MODEL for t in ckpt.tensors}
+    from paramctl.formats.pytorch import POSITION
+
     lightning = "state_dict" in root and ("pytorch-lightning_version" in root or "callbacks" in root)
     optimizers = set() if lightning else set(optimizer_paths(root))
     found = {}
     for t in ckpt.tensors:
-        position = t.attrs.get("position")
+        position = t.attrs.get(POSITION)
         if not isinstance(position, tuple) or not position:
             found[id(t)] = MODEL
         elif lightning:

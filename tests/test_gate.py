@@ -253,3 +253,19 @@ def test_a_bare_tensor_pt_is_written_back_as_a_bare_tensor(tmp_path):
         loaded = torch.load(out, weights_only=True)
         assert isinstance(loaded, torch.Tensor)
         assert loaded.tolist() == want
+
+
+def test_info_parameters_leave_out_a_plain_training_checkpoints_optimizer_state(tmp_path):
+    import torch
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    path = tmp_path / "train.pt"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 1}, path)
+    info = json.loads(run("info", str(path), "-f", "json").stdout)
+    # 8 parameters; Adam keeps step, exp_avg and exp_avg_sq for each of the 2: 1 + 6 + 6 + 1 + 2 + 2
+    assert (info["parameters"], info["optimizer_state"]) == (8, 18)
+    assert "other_tensors" not in info
+    assert json.loads(run("check", str(path), "-f", "json").stdout)["checked"] == 8
