@@ -543,3 +543,16 @@ def test_state_keyed_by_name_and_numeric_steps(tmp_path):
     removed = torch.load(out, weights_only=False)["optimizer"]
     assert list(removed["state"]) == [n for n in names if n != "0.bias"]
     assert removed["param_groups"][0]["params"] == [n for n in names if n != "0.bias"]
+
+
+def test_set_resets_the_edited_parameter_only(checkpoint, tmp_path):
+    out = tmp_path / "set.pt"
+    result = run("set", str(checkpoint), "model.0.bias[0]", "1", "-o", str(out))
+    assert "optimizer: state of 0.bias (index 1) reset: moments 0, step 0" in result.stderr
+    edited = torch.load(out, weights_only=False)["optimizer"]["state"]
+    original = torch.load(checkpoint, weights_only=False)["optimizer"]["state"]
+    assert edited[1]["step"] == 0 and not edited[1]["exp_avg"].any() and not edited[1]["exp_avg_sq"].any()
+    assert all(torch.equal(edited[i]["exp_avg"], original[i]["exp_avg"]) for i in (0, 2, 3, 4, 5))
+    kept = run("set", str(checkpoint), "model.0.bias[0]", "1", "--keep-optimizer", "-o", str(out))
+    assert "reset" not in kept.stderr
+    assert torch.equal(torch.load(out, weights_only=False)["optimizer"]["state"][1]["exp_avg"], original[1]["exp_avg"])
