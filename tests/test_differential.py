@@ -332,6 +332,12 @@ def hostile_cases(directory: Path) -> dict[str, tuple[str, bytes]]:
                     out.writestr(name, np.full(4, np.nan, "<f4").tobytes())
     cases["duplicate zip member"] = (".pt", buf.getvalue())
 
+    deflated = io.BytesIO()
+    plain = io.BytesIO(saved({"w": torch.zeros(16 << 20), "b": torch.ones(3)}))
+    with zipfile.ZipFile(plain) as zf, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in zf.infolist():
+            out.writestr(info.filename, zf.read(info))
+    cases["deflated 64 MiB storage"] = (".pt", deflated.getvalue())
     cases["pickled module"] = (".pt", saved({"model": torch.nn.Linear(2, 2)}))
     hidden = argparse.Namespace(w=torch.full((2,), float("nan")))
     cases["tensor inside an opaque object"] = (".pt", saved({"hp": hidden}))
@@ -447,6 +453,14 @@ def digest(raw: bytes | memoryview) -> str:
     return hashlib.blake2b(bytes(raw), digest_size=12).hexdigest()
 
 
+def streamed_digest(t: Any) -> str:
+    """digest(t.tobytes()), computed chunk by chunk as `stats` reads (never the tensor whole)."""
+    h = hashlib.blake2b(digest_size=12)
+    for chunk in t.chunks():
+        h.update(chunk.tobytes())
+    return h.hexdigest()
+
+
 def paramctl_worker(cases: list[dict]) -> None:
     """Run each case through paramctl (library and CLI) and print one JSON line per case."""
     import resource
@@ -477,7 +491,7 @@ def paramctl_worker(cases: list[dict]) -> None:
         try:
             ckpt = paramctl.load(path)
             result["rows"] = [
-                [t.name, list(t.shape), t.dtype, digest(t.tobytes()), t.attrs.get("alias_of")] for t in ckpt
+                [t.name, list(t.shape), t.dtype, streamed_digest(t), t.attrs.get("alias_of")] for t in ckpt
             ]
             result["outcome"] = "table"
         except ParamctlError as e:
@@ -511,7 +525,7 @@ def paramctl_worker(cases: list[dict]) -> None:
                     try:
                         back = paramctl.load(str(out))
                         want = {row[0]: row[1:4] for row in result.get("rows", [])}
-                        got = {t.name: [list(t.shape), t.dtype, digest(t.tobytes())] for t in back}
+                        got = {t.name: [list(t.shape), t.dtype, streamed_digest(t)] for t in back}
                         if got != want:
                             problems.append("convert's output reads back differently")
                     except ParamctlError as e:

@@ -282,3 +282,14 @@ def test_safe_member_names():
 
     assert all(map(safe_member_name, ["config.json", "assets/a/b.txt", "model.weights.h5", "a..b"]))
     assert not any(map(safe_member_name, ["../x", "a/../../x", "/etc/passwd", "\\\\server\\x", "C:x", "a\\..\\b", ""]))
+
+
+def test_deflated_storage_is_read_a_range_at_a_time(hostile):
+    """A .pt whose storage member is deflated (64 MiB of zeros in 64 KB): torch reads it; paramctl
+    decompresses it as it streams, never whole."""
+    ckpt = paramctl.load(str(hostile["deflated 64 MiB storage"]))
+    w = ckpt["w"]
+    assert w.storage.reader is not None and w.storage.buffer is None and w.storage.load is None
+    assert sum(int(chunk.any()) for chunk in w.chunks(elements=1 << 20)) == 0
+    assert w.storage.buffer is None
+    assert ckpt["b"].array().tolist() == [1.0, 1.0, 1.0]

@@ -519,7 +519,8 @@ def load_zip(path: str, source: str) -> Checkpoint:
 # DAG of 64 levels in 600 bytes): it may visit at most this many entries per byte of the file.
 WALK_PER_BYTE = 4
 WALK_MIN = 1 << 16
-# the rows may claim at most this many times the file's bytes (ties and views over one storage)
+# all rows together may claim at most this many times the bytes of their distinct storages (ties
+# and views over one storage: reading every row must not cost what the file only claims)
 CLAIM_PER_BYTE = 16
 CLAIM_MIN = 1 << 26
 
@@ -536,7 +537,7 @@ def name_tensors(obj: Any, path: str) -> list[Tensor]:
     seen: dict[int, Tensor] = {}  # a tensor object pickled twice is memoized: give each place a row
     size = os.path.getsize(path) if os.path.isfile(path) else 0
     budget = [max(WALK_MIN, WALK_PER_BYTE * size)]
-    claimed, most = 0, max(CLAIM_MIN, CLAIM_PER_BYTE * size)
+    claimed, stored, storages = 0, 0, set()  # bytes the rows claim; bytes of the storages they view
 
     def spend() -> None:
         budget[0] -= 1
@@ -544,7 +545,7 @@ def name_tensors(obj: Any, path: str) -> list[Tensor]:
             raise FormatError("the object's shared parts expand past what the file can hold (memo bomb)", path)
 
     def walk(node: Any, keys: tuple) -> None:
-        nonlocal claimed
+        nonlocal claimed, stored
         spend()
         if isinstance(node, Tensor):
             if id(node) in seen:  # one pickled object in two places: a row per name, tied
@@ -557,8 +558,15 @@ def name_tensors(obj: Any, path: str) -> list[Tensor]:
             node.attrs[POSITION] = keys
             node.check_bounds()
             claimed += node.nbytes
-            if claimed > most:
-                raise FormatError(f"the tensors claim more than {most} bytes from a file of {size}", path)
+            if id(node.storage) not in storages:
+                storages.add(id(node.storage))
+                stored += node.storage.nbytes
+            if claimed > CLAIM_MIN + CLAIM_PER_BYTE * stored:
+                raise FormatError(
+                    f"the tensors claim {claimed} bytes, more than {CLAIM_PER_BYTE} times the "
+                    f"{stored} bytes of their storages (views and ties repeating them)",
+                    path,
+                )
             tensors.append(node)
         elif isinstance(node, dict):
             attributes = getattr(node, "__dict__", None)
