@@ -269,4 +269,4 @@ def main() -> None:
 
 
 # registering the commands: each module decorates its functions with @cli.command
-from paramctl.commands import convert, diff, edit, estimate, inspect, merge, meta, reinit, stats, ties  # noqa: E402, F401
+from paramctl.commands import convert, diff, edit, estimate, formats, inspect, merge, meta, reinit, stats, ties  # noqa: E402, F401

@@ -72,6 +72,7 @@ class Format:
     # a directory (or a name that is no file, such as a TensorFlow checkpoint prefix) is a
     # checkpoint of this format: the path to read (itself, or a file in it), else None
     accept_path: Callable[[str], str | None] | None = None
+    looks_for: str = ""  # what accept_path looks for in a directory, for the error when nothing is found
     # what writing CKPT in this format loses, one line each (sharded: written as shards)
     losses: Callable[[Checkpoint, bool], list[str]] | None = None
     # what a checkpoint read in this format holds besides tensors, JSON-safe, by dotted path
@@ -152,7 +153,7 @@ def _recognise_path(path: str) -> tuple[Format, str]:
     if not claims:
         if not os.path.exists(path):
             raise FormatError("no such file or directory", path)
-        looked_for = "; ".join(f.description for f in formats() if f.accept_path is not None)
+        looked_for = "; ".join(f.looks_for or f.description for f in formats() if f.accept_path is not None)
         raise FormatError(f"a directory holding no checkpoint paramctl recognises (looked for: {looked_for})", path)
     fmt, target = claims[0]
     if target != path and os.path.isfile(target):

@@ -545,8 +545,8 @@ def _accept(probe: Probe) -> bool:
 register(
     Format(
         name="sharded",
-        description="a sharded set (*.index.json) or a save_pretrained directory "
-        f"({', '.join(n for n in WEIGHTS_FILES if not n.endswith(INDEX_SUFFIX))})",
+        description="sharded set (*.index.json) or save_pretrained directory",
+        looks_for=f"*.index.json, {', '.join(n for n in WEIGHTS_FILES if not n.endswith(INDEX_SUFFIX))}",
         load=load,
         accept=_accept,
         accept_path=_accept_path,
