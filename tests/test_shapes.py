@@ -230,3 +230,44 @@ def test_reinit_with_a_new_shape_resizes_the_optimizer_state(tmp_path):
     opt.step()
     assert opt.state[resumed[3].weight]["exp_avg"].shape == (5, 8)
     assert json.loads(run("ls", str(out), "--optimizer", "-f", "json").stdout)[-1]["shape"] == [5]
+
+
+TF_TRAIN = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+
+def build(classes):
+    model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(8), tf.keras.layers.Dense(classes)])
+    model.compile(tf.keras.optimizers.Adam(0.01), "mse")
+    return model
+
+x = np.ones((8, 4), "float32")
+if sys.argv[1] == "save":
+    tf.keras.utils.set_random_seed(0)
+    model = build(3)
+    model.fit(x, np.ones((8, 3)), verbose=0)
+    model.save_weights(sys.argv[2])
+    print(json.dumps(np.asarray(model.layers[1].kernel).tolist()))
+else:
+    model = build(5)
+    model.load_weights(sys.argv[2]).assert_existing_objects_matched()
+    kernel = np.asarray(model.layers[1].kernel).tolist()
+    model.fit(x, np.ones((8, 5)), verbose=0)
+    print(json.dumps({"kernel": kernel, "iterations": int(model.optimizer.iterations.numpy())}))
+"""
+
+
+def test_tensorflow_checkpoint_head_grown_and_resumed(tmp_path):
+    """A TensorFlow checkpoint's Dense head from 3 to 5 units (Keras layout: (in, out)): loads
+    into the model built with 5, its optimizer state with it, and training goes on."""
+    from reference import run_in
+
+    src, out = tmp_path / "src" / "ckpt", tmp_path / "out" / "ckpt"
+    old = run_in("tensorflow", TF_TRAIN, "save", str(src))
+    stderr = reinit(str(src), "^layer_with_weights-1/", "--out", "5", "--keep", "--init", "xavier", "-o", str(out))
+    assert "layer_with_weights-1/kernel/.ATTRIBUTES/VARIABLE_VALUE: [8, 3] -> [8, 5]" in stderr
+    assert "reset: moments 0 at [8, 5]" in stderr
+    loaded = run_in("tensorflow", TF_TRAIN, "load", str(out))
+    assert np.array_equal(np.asarray(loaded["kernel"], dtype=np.float32)[:, :3], np.asarray(old, dtype=np.float32))
+    assert loaded["iterations"] == 2
