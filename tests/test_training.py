@@ -556,3 +556,46 @@ def test_set_resets_the_edited_parameter_only(checkpoint, tmp_path):
     kept = run("set", str(checkpoint), "model.0.bias[0]", "1", "--keep-optimizer", "-o", str(out))
     assert "reset" not in kept.stderr
     assert torch.equal(torch.load(out, weights_only=False)["optimizer"]["state"][1]["exp_avg"], original[1]["exp_avg"])
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-group", "decay-groups"])
+def test_transformers_models_named_with_ties_and_decay_groups(tmp_path, split):
+    """GPT-2 (wte tied to lm_head, once in named_parameters) and BERT, with one param group or
+    the usual weight-decay split (biases and norms in a second group)."""
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    models = {
+        "bert": BertForSequenceClassification(
+            BertConfig(
+                vocab_size=60,
+                hidden_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=32,
+                max_position_embeddings=32,
+            )
+        ),
+        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=16, n_layer=2, n_head=2, n_positions=32)),
+    }
+    for name, model in models.items():
+        named = list(model.named_parameters())
+
+        def no_decay(n):
+            return n.endswith("bias") or "LayerNorm" in n or ".ln_" in n
+
+        if split:
+            order = [n for n, _ in named if not no_decay(n)] + [n for n, _ in named if no_decay(n)]
+            groups = [
+                {"params": [p for n, p in named if not no_decay(n)], "weight_decay": 0.01},
+                {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0},
+            ]
+        else:
+            order, groups = [n for n, _ in named], [{"params": [p for _, p in named]}]
+        opt = torch.optim.AdamW(groups)
+        model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+        opt.step()
+        path = tmp_path / f"{name}.pt"
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+        rows = json.loads(run("ls", str(path), "--optimizer", "-f", "json").stdout)
+        assert [r["param"] for r in rows if r["state"] == "exp_avg"] == order, name
