@@ -53,6 +53,10 @@ class Item:
 
 SCALAR = Item("scalar", key=True)
 MARK = Item("mark")
+# shared items, as no opcode changes what the walk knows of them: dicts and sets (their keys are
+# checked as they are added), lists every item of which may be a key and lists one of which may not
+DICT, SET, BAD_LIST = Item("dict"), Item("set"), Item("list", ok=False)
+LIST = Item("list")  # a list only one place on the stack refers to (see `own`)
 FLAT = ("scalar", "str", "global")
 
 
@@ -117,9 +121,15 @@ def check_keys(items: list[Item] | tuple[Item, ...], where: str) -> None:
             )
 
 
-def appended(target: Item, items: list[Item]) -> None:
-    if target.kind == "list" and target.ok:  # (else the unpickler fails, or an opaque object records them)
-        target.ok = all(i.key for i in items)
+def appended(stack: list[Item], items: list[Item]) -> None:
+    """ITEMS appended to the list on top of STACK (else the unpickler fails, or an opaque object
+    records them)."""
+    target = stack[-1]
+    if target.kind == "list" and target.ok and not all(i.key for i in items):
+        if target is LIST:  # a list no other place refers to: it becomes one of many bad lists
+            stack[-1] = BAD_LIST
+        else:
+            target.ok = False
 
 
 def call(callable_: Item, args: list[Item] | tuple[Item, ...]) -> Item:
@@ -140,8 +150,16 @@ def global_name(arg: Any) -> str:
     return ".".join(str(arg).split(" ", 1))
 
 
+def own(stack: list[Item]) -> Item:
+    """The top of STACK, made an item of its own if it is the shared LIST (which stands for any
+    list that only one place refers to): a second reference must see its later appends."""
+    if stack[-1] is LIST:
+        stack[-1] = Item("list")
+    return stack[-1]
+
+
 def put(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
-    memo[arg] = stack[-1]
+    memo[arg] = own(stack)
 
 
 def get(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
@@ -149,7 +167,7 @@ def get(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
 
 
 def memoize(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
-    memo[len(memo)] = stack[-1]
+    memo[len(memo)] = own(stack)
 
 
 def integer(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
@@ -187,19 +205,18 @@ def tuple_of(n: int | None) -> Callable[[Any, list[Item], dict[Any, Item]], None
 
 def append(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
     item = stack.pop()
-    target = stack[-1]
-    if target.ok and not item.key and target.kind == "list":
-        target.ok = False
+    if not item.key:
+        appended(stack, [item])
 
 
 def appends(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
     items = pop_mark(stack)
-    appended(stack[-1], items)
+    appended(stack, items)
 
 
 def list_(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
     items = pop_mark(stack)
-    stack.append(Item("list", ok=all(i.key for i in items)))
+    stack.append(LIST if all(i.key for i in items) else BAD_LIST)
 
 
 def setitem(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
@@ -235,7 +252,7 @@ def pop_mark_(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
 
 
 def dup(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
-    stack.append(stack[-1])
+    stack.append(own(stack))
 
 
 def global_(arg: Any, stack: list[Item], memo: dict[Any, Item]) -> None:
@@ -283,9 +300,9 @@ STEPS: dict[str, Callable[[Any, list[Item], dict[Any, Item]], None]] = {
     **dict.fromkeys(SCALARS, scalar),
     **dict.fromkeys(STRINGS, string),
     "MARK": lambda arg, stack, memo: stack.append(MARK),
-    "EMPTY_LIST": new("list"),
-    "EMPTY_DICT": new("dict"),
-    "EMPTY_SET": new("set"),
+    "EMPTY_LIST": lambda arg, stack, memo: stack.append(LIST),
+    "EMPTY_DICT": lambda arg, stack, memo: stack.append(DICT),
+    "EMPTY_SET": lambda arg, stack, memo: stack.append(SET),
     "EMPTY_TUPLE": tuple_of(0),
     "TUPLE": tuple_of(None),
     "TUPLE1": tuple_of(1),

@@ -349,6 +349,7 @@ def arrays_as_rows(obj: Any) -> Any:
             return node
         seen.add(id(node))
         if isinstance(node, dict):
+            check_attributes(node)  # before anything calls its methods
             for k, v in node.items():
                 if (new := visit(v)) is not v:
                     node[k] = new
@@ -451,9 +452,7 @@ def check_lengths(stream: BinaryIO | BoundedReader, path: str) -> None:
 def load_with(unpickler: RestrictedUnpickler) -> Any:
     path = unpickler.path
     try:
-        obj = unpickler.load()
-        check_attributes(obj)
-        return arrays_as_rows(obj)
+        return arrays_as_rows(unpickler.load())
     except FormatError as e:
         if e.path is None:
             raise FormatError(str(e), path) from None
@@ -464,27 +463,16 @@ def load_with(unpickler: RestrictedUnpickler) -> Any:
         raise FormatError(f"invalid pickle: {type(e).__name__}: {e}", path) from None
 
 
-def check_attributes(obj: Any) -> None:
-    """FormatError if a container of OBJ has an attribute that hides one of its class's (a BUILD
-    state setting `items` on an OrderedDict): torch's loader and paramctl would read it
-    differently. torch sets only `_metadata` on a state dict. Each container is visited once."""
-    seen: set[int] = set()
-    stack = [obj]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen or not isinstance(node, (dict, list, tuple)):
-            continue
-        seen.add(id(node))
-        if isinstance(node, dict):
-            for name in getattr(node, "__dict__", None) or ():
-                if not isinstance(name, str) or hasattr(type(node), name):
-                    raise FormatError(
-                        f"a container ({type(node).__name__}) whose pickled state sets attribute {name!r:.40}, hiding "
-                        "the container's own: read differently by different loaders, so refused"
-                    )
-            stack.extend(node.values())
-        else:
-            stack.extend(node)
+def check_attributes(node: dict) -> None:
+    """FormatError if NODE has an attribute that hides one of its class's (a BUILD state setting
+    `items` on an OrderedDict): torch's loader and paramctl would read it differently. torch sets
+    only `_metadata` on a state dict."""
+    for name in getattr(node, "__dict__", None) or ():
+        if not isinstance(name, str) or hasattr(type(node), name):
+            raise FormatError(
+                f"a container ({type(node).__name__}) whose pickled state sets attribute {name!r:.40}, hiding "
+                "the container's own: read differently by different loaders, so refused"
+            )
 
 
 # --- the zip format ----------------------------------------------------------------------------
