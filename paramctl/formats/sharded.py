@@ -8,6 +8,11 @@ Writing follows transformers: shards `model-00001-of-00003.safetensors` (or
 an index `{"metadata": {"total_size": ...}, "weight_map": {...}}` with sorted keys. A sharded
 checkpoint written back keeps its layout, and only the shards whose rows changed are written:
 the others stay as they are (or are copied byte for byte to another directory).
+
+Written into a directory, a checkpoint is what save_pretrained would make of it: the source's
+weights name (`diffusion_pytorch_model`, `adapter_model`) for the file or the shards and index,
+one file when it fits one shard, the source directory's configs beside it, and an earlier
+checkpoint of that name there replaced.
 """
 
 from __future__ import annotations
