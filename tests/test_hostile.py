@@ -146,7 +146,7 @@ REFUSALS = {
     "frozenset opcode of tuple DAG": "refuses the pickle: a set item that is a tuple of containers or objects",
     "stride 0 view": "tensor 'w' views 750000000 elements over a storage of 1 (more than 16 times",
     "overlapping strides": "tensor 'w' views 750000000 elements over a storage of 55000 (more than 16 times",
-    "bytearray of a count": "refuses builtins.bytearray of a int",
+    "bytearray of a count": "refuses builtins.bytearray(int): only bytes or text are admitted",
     "OrderedDict state shadowing items": "a container (OrderedDict) whose pickled state sets attribute 'items'",
     "6000-digit dimension": "refuses the pickle: an integer of 19932 bits",
     "4000-digit dimension": "tensor 'w' has a size that is not a 64-bit count",

@@ -124,13 +124,13 @@ def _bytearray(data: bytes | str = b"", encoding: str = "latin-1") -> bytearray:
     if isinstance(data, str):
         return bytearray(_encode(data, encoding))
     if not isinstance(data, bytes):
-        raise UnsafeContentError(f"refuses builtins.bytearray of a {type(data).__name__}")
+        raise UnsafeContentError(f"refuses builtins.bytearray({type(data).__name__}): only bytes or text are admitted")
     return bytearray(data)
 
 
 def _complex(real: float | str = 0.0, imag: float = 0.0) -> complex:
     if not (isinstance(real, (int, float, str)) and isinstance(imag, (int, float))) or isinstance(real, bool):
-        raise UnsafeContentError(f"refuses builtins.complex of a {type(real).__name__}")
+        raise UnsafeContentError(f"refuses builtins.complex({type(real).__name__}): only numbers are admitted")
     if isinstance(real, str):
         if len(real) > 100 or imag:
             raise UnsafeContentError("refuses builtins.complex of a long text, or of text and a number")
