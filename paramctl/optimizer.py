@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from paramctl.dtypes import FLOATING
 from paramctl.errors import UsageError
 from paramctl.table import Checkpoint, Storage, Tensor
 
@@ -481,8 +482,11 @@ def norm(t: Tensor | None) -> float | None:
 
 
 def note_unmapped(states: list[OptimizerState], edited: list[Tensor]) -> list[str]:
-    """Notes for optimizers whose state the edit of EDITED could not be matched to."""
-    if not edited:
+    """Notes for optimizers whose state the edit of EDITED could not be matched to (an edit of
+    optimizer state itself, or of trackers, needs none)."""
+    own = {id(t) for opt in states for s in opt.slots for t in [*s.tensors.values()]}
+    own |= {id(t) for opt in states for t in opt.shared.values()}
+    if all(id(t) in own or t.dtype not in FLOATING for t in edited):
         return []
     return [f"optimizer state in {opt.label} left as it was: {opt.why}" for opt in states if not opt.mapped]
 
