@@ -121,3 +121,10 @@ def test_missing_parent_directories_of_the_output_are_made(tmp_path):
     result = run("convert", str(SAMPLES / "mlp.pt"), str(out))
     assert result.exit_code == 0, result.stderr
     assert paramctl.load(str(out)).names() == paramctl.load(str(SAMPLES / "mlp.pt")).names()
+
+
+def test_a_failed_write_leaves_no_directory_behind(tmp_path):
+    out = tmp_path / "new" / "deeper" / "model.keras"  # a .keras needs a config.json a .pt has not
+    result = run("convert", str(SAMPLES / "mlp.pt"), str(out))
+    assert result.exit_code == 2
+    assert list(tmp_path.iterdir()) == []

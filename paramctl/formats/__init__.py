@@ -285,19 +285,34 @@ def save(ckpt: Checkpoint, path: str, fmt: str | None = None, shard_size: int | 
     if target.save is None:
         raise UsageError(f"cannot write format {fmt!r}; choose one of {', '.join(writable())}")
     refuse_overwriting_read_only(ckpt, path, fmt)
-    parent = os.path.dirname(os.path.abspath(path.rstrip("/" + os.sep) or path))
-    if path != "-" and not os.path.exists(parent):
-        try:
-            os.makedirs(parent)
-        except OSError as e:
-            raise ParamctlError(f"cannot write: cannot create its directory: {e.strerror or e}", path) from None
-    if target.writes_files and shard_size is None:  # its own files, a directory included (a TF checkpoint)
-        target.save(ckpt, path)
-        return
-    if writes_shards(path, shard_size):
-        from paramctl.formats import sharded
+    made = [] if path == "-" else _make_parents(path)
+    try:
+        if target.writes_files and shard_size is None:  # its own files, a directory included (a TF checkpoint)
+            target.save(ckpt, path)
+        elif writes_shards(path, shard_size):
+            from paramctl.formats import sharded
 
-        sharded.save(ckpt, path, fmt, shard_size)
-        return
-    with atomic_path(path) as tmp:
-        target.save(ckpt, tmp)
+            sharded.save(ckpt, path, fmt, shard_size)
+        else:
+            with atomic_path(path) as tmp:
+                target.save(ckpt, tmp)
+    except BaseException:
+        for directory in reversed(made):  # a failed write leaves nothing, not even the directories it made
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        raise
+
+
+def _make_parents(path: str) -> list[str]:
+    """Create the missing directories above PATH; the ones made, outermost first."""
+    made = []
+    parent = os.path.dirname(os.path.abspath(path.rstrip("/" + os.sep) or path))
+    while parent and not os.path.exists(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
+    try:
+        for directory in reversed(made):
+            os.mkdir(directory)
+    except OSError as e:
+        raise ParamctlError(f"cannot write: cannot create its directory: {e.strerror or e}", path) from None
+    return made[::-1]
