@@ -59,7 +59,8 @@ class Tied(torch.nn.Module):
         return self.head(h) * self.scale + self.frozen.sum()
 
 
-def models() -> dict[str, tuple[torch.nn.Module, torch.jit.ScriptModule]]:
+def models() -> dict[str, torch.nn.Module]:
+    """The eager models by archive name, with the same weights on every call."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(5, 3)
     convbn = ConvBN()
@@ -67,24 +68,32 @@ def models() -> dict[str, tuple[torch.nn.Module, torch.jit.ScriptModule]]:
     convbn.eval()
     tied = Tied()
     return {
-        "linear_scripted": (linear, torch.jit.script(linear)),
-        "linear_traced": (linear, torch.jit.trace(linear, torch.randn(1, 5))),
-        "convbn_scripted": (convbn, torch.jit.script(convbn)),
-        "convbn_traced": (convbn, torch.jit.trace(convbn, torch.randn(1, 2, 6, 6))),
-        "tied_scripted": (tied, torch.jit.script(tied)),
-        "tied_traced": (tied, torch.jit.trace(tied, torch.tensor([[1, 2, 3]]))),
+        f"{kind}_{how}": model
+        for kind, model in (("linear", linear), ("convbn", convbn), ("tied", tied))
+        for how in ("scripted", "traced")
     }
+
+
+EXAMPLE_INPUTS = {"linear": (1, 5), "convbn": (1, 2, 6, 6)}
+
+
+def save_archives(root: str) -> None:
+    """torch.jit.script / trace every model into ROOT. Run in a fresh interpreter: the TorchScript
+    compiler is sensitive to what other tests have imported and patched in this process."""
+    for name, model in models().items():
+        kind, how = name.rsplit("_", 1)
+        example = torch.randn(EXAMPLE_INPUTS[kind]) if kind in EXAMPLE_INPUTS else torch.tensor([[1, 2, 3]])
+        compiled = torch.jit.script(model) if how == "scripted" else torch.jit.trace(model, example)
+        compiled.save(str(Path(root) / f"{name}.pt"))
 
 
 @pytest.fixture(scope="module")
 def archives(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
     root = tmp_path_factory.mktemp("torchscript")
-    out = {}
-    for name, (eager, scripted) in models().items():
-        path = root / f"{name}.pt"
-        scripted.save(str(path))
-        out[name] = (path, eager)
-    return out
+    here = str(Path(__file__).resolve().parent)
+    script = f"import sys; sys.path[:0] = [{here!r}]; import test_torchscript as t; t.save_archives(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", script, str(root)], check=True, capture_output=True)
+    return {name: (root / f"{name}.pt", eager) for name, eager in models().items()}
 
 
 def test_rows_and_values_are_the_loaded_state_dict(archives):
