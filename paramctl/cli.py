@@ -149,25 +149,16 @@ def write_checkpoint(
 ) -> None:
     """Save CKPT to TARGET (None: standard output if it is not a terminal), warning on stderr
     about anything the output format cannot hold. SHARD_SIZE (bytes) writes shards plus an index."""
-    from paramctl.formats import losses, output_format, save, writes_shards
-    from paramctl.keras_layouts import fit_layout
+    from paramctl.formats import losses, output_format, prepare, save, writes_as_shards
 
     if target is None:
         if output.stdout_is_terminal():
             raise UsageError("name the output: -o PATH, or --in-place (or redirect standard output)")
         target = "-"
     refuse_terminal(target)
-    from paramctl.dtypes import ITEMSIZE
-
-    quantized = [t for t in ckpt.tensors if t.dtype not in ITEMSIZE]
-    if quantized:
-        shown = ", ".join(f"{t.name!r} ({t.dtype})" for t in quantized[:3]) + (" ..." if len(quantized) > 3 else "")
-        raise UsageError(f"{len(quantized)} quantized tensors ({shown}): convert with --dequantize to write float32")
     fmt = output_format(target, ckpt, to)
-    ckpt = fit_layout(ckpt, target, fmt)  # Keras finds weights by layout: rewritten into the target's, or refused
-    from paramctl.formats.sharded import makes_shards
-
-    for loss in losses(ckpt, fmt, writes_shards(target, shard_size) and makes_shards(ckpt, target, fmt, shard_size)):
+    ckpt = prepare(ckpt, target, fmt)
+    for loss in losses(ckpt, fmt, writes_as_shards(ckpt, target, fmt, shard_size)):
         output.note(f"warning: {loss}")
     save(ckpt, target, fmt, shard_size)
 

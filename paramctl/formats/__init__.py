@@ -75,6 +75,9 @@ class Format:
     looks_for: str = ""  # what accept_path looks for in a directory, for the error when nothing is found
     # what writing CKPT in this format loses, one line each (sharded: written as shards)
     losses: Callable[[Checkpoint, bool], list[str]] | None = None
+    # CKPT fitted to this format before it is written to TARGET (a Keras layout rewritten), or a
+    # UsageError when it cannot be, before anything is written
+    prepare: Callable[[Checkpoint, str], Checkpoint] | None = None
     # what a checkpoint read in this format holds besides tensors, JSON-safe, by dotted path
     entries: Callable[[Checkpoint], dict[str, Any]] | None = None
     layout: str = "torch"  # tensor axis order for fans: torch (out, in, *k) or keras (*k, in, out)
@@ -248,6 +251,26 @@ def losses(ckpt: Checkpoint, fmt: str, sharded: bool = False) -> list[str]:
     if not target.keeps_views and any(t.stride is not None and not t.is_contiguous for t in ckpt.tensors):
         lost.append(f"{fmt} stores views as contiguous copies")
     return lost
+
+
+def prepare(ckpt: Checkpoint, target: str, fmt: str) -> Checkpoint:
+    """CKPT ready to be written as FMT at TARGET: refused (UsageError, nothing written) when it
+    holds rows no writer stores (quantized GGUF blocks), else fitted by the format's `prepare`."""
+    from paramctl.dtypes import ITEMSIZE
+
+    quantized = [t for t in ckpt.tensors if t.dtype not in ITEMSIZE]
+    if quantized:
+        shown = ", ".join(f"{t.name!r} ({t.dtype})" for t in quantized[:3]) + (" ..." if len(quantized) > 3 else "")
+        raise UsageError(f"{len(quantized)} quantized tensors ({shown}): convert with --dequantize to write float32")
+    fitting = get(fmt).prepare
+    return fitting(ckpt, target) if fitting is not None else ckpt
+
+
+def writes_as_shards(ckpt: Checkpoint, path: str, fmt: str, shard_size: int | None = None) -> bool:
+    """Whether writing CKPT to PATH makes shards plus an index (not one file in a directory)."""
+    from paramctl.formats.sharded import makes_shards
+
+    return writes_shards(path, shard_size) and makes_shards(ckpt, path, fmt, shard_size)
 
 
 def writes_shards(path: str, shard_size: int | None = None) -> bool:

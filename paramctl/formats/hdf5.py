@@ -616,6 +616,14 @@ def _losses(ckpt: Checkpoint, sharded: bool) -> list[str]:
     return [] if ckpt.format == "hdf5" else dropped_entries(ckpt, "hdf5")
 
 
+def _fit_layout(ckpt: Checkpoint, target: str) -> Checkpoint:
+    """Keras finds weights by their paths: a table from another Keras layout is rewritten into
+    the one TARGET's loader expects, or refused (see keras_layouts)."""
+    from paramctl.keras_layouts import fit_layout
+
+    return fit_layout(ckpt, target, "hdf5")
+
+
 register(
     Format(
         name="hdf5",
@@ -626,6 +634,7 @@ register(
         accept=_accept,
         losses=_losses,
         entries=root_attributes,
+        prepare=_fit_layout,
         layout="keras",
     )
 )
