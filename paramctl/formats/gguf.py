@@ -13,7 +13,7 @@ Writing GGUF is not supported: a GGUF source converts to safetensors or .pt (qua
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +60,12 @@ class QuantizedTensor(Tensor):
         import numpy as np
         from gguf import GGMLQuantizationType, quants
 
+        if self.ggml_type < 0:
+            raise UsageError(
+                f"tensor {self.name!r}: {self.dtype} blocks of a big-endian GGUF file cannot be dequantized "
+                "(the gguf package reads their scales as little-endian)",
+                self.storage.path,
+            )
         row_bytes = self.stored_nbytes // max(self.n_rows, 1)
         raw = self.storage.read(first_row * row_bytes, rows * row_bytes)
         blocks = np.frombuffer(raw, np.uint8).reshape(rows, row_bytes)
@@ -124,7 +130,7 @@ def reader_class() -> type:
                 return super()._get_field_parts(orig_offs, raw_type)
             start = end = orig_offs + 12
             if itype == GGUFValueType.STRING:
-                data = memoryview(self.data)
+                data = memoryview(self.data)  # type: ignore[arg-type]
                 for _ in range(n):
                     if end + 8 > len(data):
                         raise ValueError("a string array runs past the end of the file")
@@ -148,6 +154,7 @@ def load(path: str, source: str) -> Checkpoint:
     except (ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError, UnicodeDecodeError) as e:
         raise FormatError(f"invalid GGUF file: {e}", path) from None
     size = int(reader.data.shape[0])
+    big_endian = reader.byte_order == "S"  # the reader found the version number byte-swapped
     tensors: list[Tensor] = []
     for info in infos:
         name = info.name
@@ -163,7 +170,17 @@ def load(path: str, source: str) -> Checkpoint:
         storage = Storage(stored, path=path, offset=int(info.data_offset))
         attrs = {"ggml_type": ggml_name}
         if ggml_name in PLAIN:
+            if big_endian and type_size > 1:  # the file's values are big-endian: swapped as they are read
+                storage.reader = swapped_reader(path, int(info.data_offset), type_size)
             tensors.append(Tensor(name, shape, PLAIN[ggml_name], storage, attrs=attrs))
+        elif big_endian:
+            # llama.cpp swaps the scales inside the blocks of a big-endian file; gguf's dequantize
+            # reads them as little-endian: no value would agree with llama.cpp's, so none is given
+            tensors.append(
+                QuantizedTensor(
+                    name, shape, ggml_name.lower(), storage, attrs=attrs, ggml_type=-1, stored_nbytes=stored
+                )
+            )
         else:
             tensors.append(
                 QuantizedTensor(
@@ -177,6 +194,26 @@ def load(path: str, source: str) -> Checkpoint:
                 )
             )
     return Checkpoint(source, "gguf", tensors, extra=GGUFSource(metadata_of(reader)))
+
+
+def swapped_reader(path: str, offset: int, itemsize: int) -> Callable[[int, int], bytes]:
+    """A Storage reader of big-endian values of ITEMSIZE bytes at OFFSET in PATH, giving them
+    little-endian (each read widened to whole values, then cut to the range asked for)."""
+
+    def read(start: int, length: int) -> bytes:
+        import numpy as np
+
+        from paramctl import remote
+
+        lo = start - start % itemsize
+        hi = -(-(start + length) // itemsize) * itemsize
+        raw = remote.read_range(path, offset + lo, hi - lo)
+        if len(raw) != hi - lo:
+            raise FormatError(f"truncated: tensor data ends at byte {offset + lo + len(raw)}", path)
+        swapped = np.frombuffer(raw, np.uint8).reshape(-1, itemsize)[:, ::-1].tobytes()
+        return swapped[start - lo : start - lo + length]
+
+    return read
 
 
 @dataclass
