@@ -39,7 +39,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
     differential = sys.modules.get("test_differential")
     for label, counts in sorted(getattr(differential, "OUTCOMES", {}).items()):
         terminalreporter.write_line(
-            f"differential {label}: {counts['cases']} cases, {counts['agree']} read by both and equal, "
-            f"{counts['paramctl refused']} refused by paramctl, {counts['reference refused']} read by paramctl "
-            f"only, {counts['bound or agreement failures']} agree-or-refuse or bound failures"
+            f"differential {label}: {counts['cases']} cases: {counts['agree']} read by both and equal, "
+            f"{counts['both refused']} refused by both, {counts['paramctl refused']} refused by paramctl only, "
+            f"{counts['reference refused']} read by paramctl only (the reference refused or was not run); "
+            f"{counts['bound or agreement failures']} agree-or-refuse or bound failures"
         )
