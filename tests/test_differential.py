@@ -338,6 +338,7 @@ def hostile_cases(directory: Path) -> dict[str, tuple[str, bytes]]:
         for info in zf.infolist():
             out.writestr(info.filename, zf.read(info))
     cases["deflated 64 MiB storage"] = (".pt", deflated.getvalue())
+    cases["lazy negation bit"] = (".pt", saved({"b": torch.tensor([1.0, -2.0])._neg_view()}))
     cases["pickled module"] = (".pt", saved({"model": torch.nn.Linear(2, 2)}))
     hidden = argparse.Namespace(w=torch.full((2,), float("nan")))
     cases["tensor inside an opaque object"] = (".pt", saved({"hp": hidden}))

@@ -152,6 +152,7 @@ REFUSALS = {
     "4000-digit dimension": "tensor 'w' has a size that is not a 64-bit count",
     "zero-size [0, 2**62, 2**62] (pt)": "tensor 'w' has sizes whose product exceeds 64 bits",
     "duplicate zip member": "the archive holds two members named 'archive/data/0': ambiguous",
+    "lazy negation bit": "a tensor record with metadata ['neg'] (a lazy negation or conjugation): not read",
     "pickled module": "pickle global torch.nn.modules.linear.Linear is not allowed",
     "tensor inside an opaque object": "a tensor in an object of class argparse.Namespace that paramctl keeps opaque",
     "safetensors zero-size [0, 2**62, 2**62]": "tensor 'w' has sizes whose product exceeds 64 bits",

@@ -81,13 +81,25 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad, dtype=
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    check_metadata(metadata)
     return _rebuild_tensor(storage, storage_offset, size, stride, requires_grad)
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, metadata=None):
     if not isinstance(dtype, TorchDtype):
         raise FormatError(f"tensor record with an invalid dtype {dtype!r:.80}")
+    check_metadata(metadata)
     return _rebuild_tensor(storage, storage_offset, size, stride, requires_grad, dtype.name)
+
+
+def check_metadata(metadata: Any) -> None:
+    """A tensor record's metadata sets lazy bits (`{'neg': True}` of a `_neg_view`, `{'conj':
+    True}` of a `conj()` view) that torch applies on loading: the stored bytes are not the values,
+    so the tensor is refused rather than misread."""
+    if metadata is None or (isinstance(metadata, dict) and not any(metadata.values())):
+        return
+    shown = sorted(map(str, metadata)) if isinstance(metadata, dict) else type(metadata).__name__
+    raise FormatError(f"a tensor record with metadata {shown!s:.80} (a lazy negation or conjugation): not read")
 
 
 def _rebuild_parameter(data, requires_grad, hooks, state=None):
