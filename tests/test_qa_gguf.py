@@ -72,3 +72,20 @@ def test_big_endian_quantized_values_refused(big, tmp_path):
     assert result.exit_code == 2
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_named_gguf_is_refused_not_written_as_another_format(tmp_path):
+    """`convert model.pt out.gguf` once wrote a PyTorch zip named out.gguf with exit 0."""
+    import torch
+
+    src = tmp_path / "m.pt"
+    torch.save({"w": torch.ones(2, 3)}, src)
+    out = tmp_path / "out.gguf"
+    result = run("convert", str(src), str(out))
+    assert result.exit_code == 2
+    assert "cannot write gguf (the output's extension .gguf)" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+    # --to still names the format explicitly, whatever the name
+    result = run("convert", str(src), str(out), "--to", "safetensors")
+    assert result.exit_code == 0
+    assert paramctl.load(str(out)).format == "safetensors"

@@ -213,6 +213,11 @@ def output_format(path: str, ckpt: Checkpoint, to: str | None = None) -> str:
     if path != "-":
         for ext, fmt in sorted(extensions().items(), key=lambda item: -len(item[0])):
             if name.endswith(ext):
+                if fmt not in writable():  # `-o x.gguf` must not become a .pt named x.gguf
+                    raise UsageError(
+                        f"paramctl cannot write {fmt} (the output's extension {ext}); "
+                        f"name another output, or one of {', '.join(writable())} with --to"
+                    )
                 return fmt
     if ckpt.format == "sharded":
         return ckpt.extra.shard_format

@@ -255,6 +255,7 @@ register(
         name="gguf",
         description="GGUF (llama.cpp)",
         load=load,
+        extensions=(".gguf",),  # not written: an output named .gguf is refused, not written as another format
         accept=lambda probe: probe.head[:4] == MAGIC,
         entries=entries,
         priority=30,
