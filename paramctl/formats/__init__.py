@@ -173,17 +173,22 @@ def load(path: str) -> Checkpoint:
         fmt, target = _recognise(path)
         ckpt = fmt.load(target, source)
     except OSError as e:
-        raise FormatError(e.strerror or str(e), source) from None
+        raise FormatError(e.strerror or str(e), _shown(source)) from None
     except RecursionError:
-        raise FormatError("nests too deeply", source) from None
+        raise FormatError("nests too deeply", _shown(source)) from None
     except ParamctlError as e:
-        if e.path == path != source:
-            raise e.about(source) from None
+        if e.path == path != source or (e.path == source and _shown(source) != source):
+            raise e.about(_shown(source)) from None  # a URL's user:password@ and ?token= never printed
         raise
     ckpt.path = target
     if not ckpt.file_size and (remote.is_url(target) or os.path.isfile(target)):
         ckpt.file_size = remote.size(target)
     return ckpt
+
+
+def _shown(path: str) -> str:
+    """PATH as an error names it: a URL without its credentials (remote.redact)."""
+    return remote.redact(path) if remote.is_url(path) else path
 
 
 def _spool_stdin() -> str:
@@ -308,6 +313,8 @@ def save(ckpt: Checkpoint, path: str, fmt: str | None = None, shard_size: int | 
 
     An `*.index.json` path, a directory or a SHARD_SIZE in bytes writes numbered shards plus an
     index, as transformers does (see formats.sharded). A missing parent directory is created."""
+    if remote.is_url(path):  # else `-o http://host/x.pt` makes a local directory `http:`
+        raise UsageError("paramctl writes local files only: write it here, then upload it", remote.redact(path))
     fmt = fmt or output_format(path, ckpt)
     target = get(fmt)
     if target.save is None:
