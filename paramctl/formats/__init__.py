@@ -215,6 +215,8 @@ def output_format(path: str, ckpt: Checkpoint, to: str | None = None) -> str:
             raise UsageError(f"cannot write format {to!r}; choose one of {', '.join(writable())}")
         return to
     name = path.removesuffix(".index.json").lower()
+    if name.endswith(".distcp"):  # a file paramctl itself would then refuse to read alone
+        raise UsageError("a .distcp file is one shard of a DCP directory: write the directory (--to dcp)", path)
     if path != "-":
         for ext, fmt in sorted(extensions().items(), key=lambda item: -len(item[0])):
             if name.endswith(ext):
