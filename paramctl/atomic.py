@@ -45,7 +45,12 @@ def atomic_path(target: str) -> Iterator[str]:
         else:
             os.fsync(fd)
             os.fchmod(fd, 0o666 & ~_umask())
-            _link_into_place(fd, directory, target)
+            try:
+                _link_into_place(fd, directory, target)
+            except OSError as e:
+                if e.errno not in _NO_LINK:
+                    raise
+                _copy_into_place(fd, target, directory)
     except OSError as e:
         raise ParamctlError(f"cannot write: {e.strerror or e}", target) from None
     finally:
@@ -116,6 +121,18 @@ def _link_into_place(fd: int, directory: str, target: str) -> None:
     except OSError:
         _remove(tmp)
         raise
+
+
+# a file system that makes unnamed files but will not link them (or /proc is not what it seems)
+_NO_LINK = {errno.EPERM, errno.EXDEV, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOENT}
+
+
+def _copy_into_place(fd: int, target: str, directory: str) -> None:
+    """The fallback of `_link_into_place`: the unnamed file's bytes copied to a named temporary
+    file, renamed over TARGET."""
+    with _named_temp(target, directory) as tmp, open(tmp, "wb") as out, open(fd, "rb", closefd=False) as f:
+        f.seek(0)
+        shutil.copyfileobj(f, out, 1 << 22)
 
 
 @contextlib.contextmanager

@@ -76,6 +76,22 @@ def test_atomic_path_writes_an_unnamed_file_until_it_is_complete(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
 
 
+def test_a_file_system_that_will_not_link_gets_a_copy(tmp_path, monkeypatch):
+    """linkat refused (EPERM): the unnamed file's bytes are copied into place instead."""
+    from paramctl import atomic
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(atomic.os, "link", refuse)
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with atomic.atomic_path(str(target)) as tmp, open(tmp, "wb") as f:
+        f.write(b"new contents")
+    assert target.read_bytes() == b"new contents"
+    assert leftovers(tmp_path) == []
+
+
 def test_sigkill_of_an_unnamed_write_leaves_nothing(tmp_path):
     """A writer killed at any moment of a 24 MB write through paramctl.atomic (torch.save, h5py
     and a plain file, each through the /proc path): the target is old or new, and no temporary
