@@ -21,7 +21,7 @@ import math
 import os
 from typing import Any
 
-from paramctl.dtypes import FLOATING, itemsize
+from paramctl.dtypes import FLOATING, ITEMSIZE, itemsize
 from paramctl.errors import FormatError, UsageError
 from paramctl.table import Checkpoint
 
@@ -48,7 +48,7 @@ def model_counts(ckpt: Checkpoint) -> tuple[int, int, int]:
         if role.get(id(t), MODEL) != MODEL or key in seen:
             continue
         seen.add(key)
-        if t.dtype in FLOATING:
+        if t.dtype in FLOATING or t.dtype not in ITEMSIZE:  # quantized GGUF blocks hold float weights
             params += t.numel
             stored += t.nbytes
         else:
@@ -86,6 +86,13 @@ def first(config: dict[str, Any], keys: tuple[str, ...]) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
+
+
+def is_decoder_config(config: dict[str, Any]) -> bool:
+    """Whether CONFIG (or its text_config) names a layer and a head count: a KV cache to estimate."""
+    if first(config, LAYERS) is None and isinstance(config.get("text_config"), dict):
+        config = config["text_config"]
+    return first(config, LAYERS) is not None and first(config, HEADS) is not None
 
 
 def kv_shape(config: dict[str, Any], source: str) -> dict[str, int]:

@@ -34,7 +34,7 @@ def show(path: str) -> dict[str, Any]:
     if ckpt.format == "safetensors" and path != "-":
         from paramctl.formats.safetensors import read_header
 
-        header, _ = read_header(path)
+        header, _ = read_header(ckpt.path)  # the file a save_pretrained directory stands for
         return dict(header.get("__metadata__", {}))
     found: dict[str, Any] = dict(ckpt.metadata)
     found.update(non_tensor_entries(ckpt))

@@ -106,6 +106,7 @@ def emit(
     """
     fmt = resolve(fmt)
     out = sys.stdout
+    title = redact_urls(title) if title else title
     if fmt == "json":
         count = 0
         out.write("[")
@@ -192,8 +193,18 @@ def quoted(text: str) -> str:
 
 def note(message: str) -> None:
     """A note or warning for the person at the terminal: standard error, never standard output."""
-    click.echo(f"paramctl: {escape(message, backslash=False)}", err=True)
+    click.echo(f"paramctl: {escape(redact_urls(message), backslash=False)}", err=True)
 
 
 def error(message: str) -> None:
-    click.echo(f"paramctl: error: {escape(message, backslash=False)}", err=True)
+    click.echo(f"paramctl: error: {escape(redact_urls(message), backslash=False)}", err=True)
+
+
+_URL_SECRETS = re.compile(
+    r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^/\s@'\"]*@)?([^\s'\"?]*?)(?:\?[^\s'\"]*?)?(?=:\s|:$|[\s'\"]|$)"
+)
+
+
+def redact_urls(text: str) -> str:
+    """TEXT with every URL's user information and query string (tokens, signatures) left out."""
+    return _URL_SECRETS.sub(r"\1\2", text) if "://" in text else text

@@ -128,3 +128,14 @@ def test_a_failed_write_leaves_no_directory_behind(tmp_path):
     result = run("convert", str(SAMPLES / "mlp.pt"), str(out))
     assert result.exit_code == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_meta_and_estimate_of_a_save_pretrained_directory(tmp_path):
+    write_safetensors(tmp_path / "diffusion_pytorch_model.safetensors", 1.0)
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "block_out_channels": [32]}))
+    meta = run("meta", str(tmp_path))
+    assert meta.exit_code == 0, meta.stderr
+    assert json.loads(meta.stdout) == {"format": "pt"}
+    estimate = run("estimate", str(tmp_path), "-f", "json")
+    assert estimate.exit_code == 0, estimate.stderr
+    assert json.loads(estimate.stdout)["parameters"] == 3 and "no KV cache" in estimate.stderr

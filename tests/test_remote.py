@@ -247,3 +247,23 @@ def test_s3_sharded_set_and_single_file(s3, tmp_path):
     missing = run("ls", "s3://models/nothing.safetensors")
     assert missing.exit_code == 2 and "not found" in missing.stderr
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in missing.stderr
+
+
+def test_credentials_never_reach_stdout_or_stderr(http, tmp_path):
+    write_shards(tmp_path)
+    (tmp_path / "mlp.pt").write_bytes((SAMPLES / "mlp.pt").read_bytes())
+    _, base = http()
+    secret = base.replace("http://", "http://user:s3cr3t@")
+    for args in (
+        ("info", f"{secret}/mlp.pt?X-Amz-Signature=abc", "-f", "json"),
+        ("info", f"{secret}/model.safetensors.index.json?sig=1", "-f", "table"),
+        ("check", f"{secret}/mlp.pt?sig=1"),
+        ("stats", f"{secret}/mlp.pt?sig=1", "-f", "table"),
+        ("ls", f"{secret}/missing.pt?sig=1"),
+    ):
+        result = run(*args)
+        assert result.exit_code in (0, 2), (args, result.stderr)
+        for text in (result.stdout, result.stderr):
+            assert "s3cr3t" not in text and "sig" not in text.lower(), (args, text)
+    info = json.loads(run("info", f"{base}/model.safetensors.index.json", "-f", "json").stdout)
+    assert info["file_size"] == sum(p.stat().st_size for p in tmp_path.glob("model*"))

@@ -37,13 +37,16 @@ def estimate_command(
       paramctl estimate model.safetensors --config config.json --format json
     """
     from paramctl.dtypes import check_name
-    from paramctl.estimate import estimate, find_config, read_config, rows
+    from paramctl.estimate import estimate, find_config, is_decoder_config, read_config, rows
 
     if kv_dtype:
         check_name(kv_dtype)
     table = load(ckpt)
     found = find_config(ckpt, config_path)
     config = read_config(found) if found else None
+    if config is not None and not config_path and not context and not is_decoder_config(config):
+        output.note(f"no KV cache: {found} describes no attention layers (a diffusers or vision config)")
+        config = None
     record = estimate(table, config, context, batch, kv_dtype, found or "")
     if found and output.stderr_is_terminal():
         output.note(f"KV cache from {found}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
@@ -148,7 +147,7 @@ def info_command(ckpt: str, fmt: str | None) -> None:
         entry["tensors"] += 1
         entry["bytes"] += t.nbytes
     record: dict[str, Any] = {
-        "file": ckpt,
+        "file": output.redact_urls(ckpt),
         "format": table.format,
         "file_size": files_size(table) or table.file_size,
         "tensors": len(table),
@@ -180,7 +179,9 @@ def files_size(table: Checkpoint) -> int:
     """The bytes of the files a checkpoint read from several (a sharded one: its index and shards)."""
     if table.format != "sharded":
         return 0
-    return os.path.getsize(table.extra.index) + sum(shard.ckpt.file_size for shard in table.extra.shards)
+    from paramctl import remote
+
+    return remote.size(table.extra.index) + sum(shard.ckpt.file_size for shard in table.extra.shards)
 
 
 @cli.command("show")

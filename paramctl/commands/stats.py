@@ -231,7 +231,7 @@ def check_command(
             expected=expected,
             progress=with_progress,
         )
-        failures += [{"file": path, **f} for f in found] if len(chosen) > 1 else found
+        failures += [{"file": output.redact_urls(path), **f} for f in found] if len(chosen) > 1 else found
         checked += len(tensors)
     columns = (["file"] if len(chosen) > 1 else []) + ["name", "rule", "detail"]
     what = ckpts[0] if len(chosen) == 1 else f"{len(chosen)} checkpoints"

@@ -183,6 +183,7 @@ def load(path: str) -> Checkpoint:
     ckpt.path = target
     if not ckpt.file_size and (remote.is_url(target) or os.path.isfile(target)):
         ckpt.file_size = remote.size(target)
+    ckpt.source = _shown(source)  # what commands print: a URL without credentials
     return ckpt
 
 
