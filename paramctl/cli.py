@@ -21,6 +21,10 @@ class Paramctl(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:  # a command line click cannot parse: one line too
+            where = " ".join(["paramctl", *(e.ctx.command_path.split()[1:] if e.ctx is not None else [])])
+            output.error(f"{e.format_message()} (see '{where} --help')")
+            ctx.exit(e.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except ParamctlError as e:

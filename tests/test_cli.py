@@ -273,3 +273,15 @@ def test_ls_json_equals_the_real_reader(path):
     ours = sorted((r["name"], r["shape"], r["dtype"]) for r in rows)
     theirs = sorted((n, s, SAFETENSORS_DTYPES.get(d, d)) for n, s, d in reference_listing(path))
     assert ours == theirs
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("ls",), ("tree", str(SAMPLES / "mlp.pt"), "--depth", "-1"), ("convert", "a", "b", "--to", "bogus")],
+)
+def test_usage_errors_are_one_line_with_exit_2(args):
+    result = run(*args)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("paramctl: error: ")
+    assert f"see 'paramctl {args[0]} --help'" in result.stderr
