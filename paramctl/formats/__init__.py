@@ -274,7 +274,10 @@ def prepare(ckpt: Checkpoint, target: str, fmt: str) -> Checkpoint:
     quantized = [t for t in ckpt.tensors if t.dtype not in ITEMSIZE]
     if quantized:
         shown = ", ".join(f"{t.name!r} ({t.dtype})" for t in quantized[:3]) + (" ..." if len(quantized) > 3 else "")
-        raise UsageError(f"{len(quantized)} quantized tensors ({shown}): convert with --dequantize to write float32")
+        raise UsageError(
+            f"{len(quantized)} quantized tensors ({shown}): paramctl writes them only as float32, "
+            "with `paramctl convert --dequantize`"
+        )
     fitting = get(fmt).prepare
     return fitting(ckpt, target) if fitting is not None else ckpt
 
