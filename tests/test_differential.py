@@ -341,6 +341,12 @@ def hostile_cases(directory: Path) -> dict[str, tuple[str, bytes]]:
     cases["lazy negation bit"] = (".pt", saved({"b": torch.tensor([1.0, -2.0])._neg_view()}))
     cases["pickled module"] = (".pt", saved({"model": torch.nn.Linear(2, 2)}))
     hidden = argparse.Namespace(w=torch.full((2,), float("nan")))
+    marked = bytearray(good)  # a storage member whose central directory entry says "directory"
+    entry = marked.find(b"PK\x01\x02")
+    while not marked[entry + 46 : entry + 46 + 30].startswith(b"archive/data/0"):
+        entry = marked.find(b"PK\x01\x02", entry + 4)
+    marked[entry + 38] |= 0x10  # the low byte of the external attributes: MS-DOS directory
+    cases["zip member marked as a directory"] = (".pt", bytes(marked))
     cases["tensor inside an opaque object"] = (".pt", saved({"hp": hidden}))
 
     header = json.dumps({"w": {"dtype": "F32", "shape": [0, 2**62, 2**62], "data_offsets": [0, 0]}}).encode()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SAMPLES as SAMPLES_DIR
 from conftest import run
 
 import paramctl
@@ -153,6 +154,7 @@ REFUSALS = {
     "zero-size [0, 2**62, 2**62] (pt)": "tensor 'w' has sizes whose product exceeds 64 bits",
     "duplicate zip member": "the archive holds two members named 'archive/data/0': ambiguous",
     "lazy negation bit": "a tensor record with metadata ['neg'] (a lazy negation or conjugation): not read",
+    "zip member marked as a directory": "zip member 'archive/data/0' is marked as a directory: ambiguous",
     "pickled module": "pickle global torch.nn.modules.linear.Linear is not allowed",
     "tensor inside an opaque object": "a tensor in an object of class argparse.Namespace that paramctl keeps opaque",
     "safetensors zero-size [0, 2**62, 2**62]": "tensor 'w' has sizes whose product exceeds 64 bits",
@@ -294,3 +296,16 @@ def test_deflated_storage_is_read_a_range_at_a_time(hostile):
     assert sum(int(chunk.any()) for chunk in w.chunks(elements=1 << 20)) == 0
     assert w.storage.buffer is None
     assert ckpt["b"].array().tolist() == [1.0, 1.0, 1.0]
+
+
+def test_keras_member_whose_headers_disagree_is_a_clean_error_when_copied(tmp_path):
+    """A member reading never opens (its central and local names differ): the writer says so."""
+    src = tmp_path / "a.keras"
+    src.write_bytes((SAMPLES_DIR / "mlp.keras").read_bytes())
+    data = bytearray(src.read_bytes())
+    central = data.rfind(b"metadata.json")  # the central directory's copy of the name comes last
+    data[central] = ord("l")
+    src.write_bytes(bytes(data))
+    result = run("convert", str(src), str(tmp_path / "out.keras"))
+    assert result.exit_code == 2 and "invalid zip archive: File name in directory" in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "out.keras").exists()

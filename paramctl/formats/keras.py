@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -72,19 +73,27 @@ def save(ckpt: Checkpoint, path: str) -> None:
     # the new weights file is built first, in an unnamed scratch file that vanishes with the process
     with unnamed_temp(tempfile.gettempdir()) as weights:
         hdf5.write(ckpt, weights, archive.weights)
-        with zipfile.ZipFile(archive.path) as zin, zipfile.ZipFile(path, "w") as zout:
-            for info in archive.members:
-                copy = zipfile.ZipInfo(info.filename, info.date_time)
-                copy.external_attr = info.external_attr
-                data: IO[bytes]
-                if info.filename == WEIGHTS:  # stored, as Keras writes it: read in place
-                    copy.file_size = os.path.getsize(weights)
-                    data = open(weights, "rb")  # noqa: SIM115 - closed below
-                else:  # compressed as it was: a deflated asset is not stored expanded
-                    copy.file_size, copy.compress_type = info.file_size, info.compress_type
-                    data = zin.open(info)
-                with data, zout.open(copy, "w", force_zip64=copy.file_size > ZIP64_LIMIT) as out:
-                    shutil.copyfileobj(data, out, 1 << 22)
+        try:
+            copy_members(archive, weights, path)
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:  # damage reading never met
+            raise FormatError(f"invalid zip archive: {e}", archive.path) from None
+
+
+def copy_members(archive: KerasArchive, weights: str, path: str) -> None:
+    """Write the archive at PATH: ARCHIVE's members as they were, WEIGHTS as model.weights.h5."""
+    with zipfile.ZipFile(archive.path) as zin, zipfile.ZipFile(path, "w") as zout:
+        for info in archive.members:
+            copy = zipfile.ZipInfo(info.filename, info.date_time)
+            copy.external_attr = info.external_attr
+            data: IO[bytes]
+            if info.filename == WEIGHTS:  # stored, as Keras writes it: read in place
+                copy.file_size = os.path.getsize(weights)
+                data = open(weights, "rb")  # noqa: SIM115 - closed below
+            else:  # compressed as it was: a deflated asset is not stored expanded
+                copy.file_size, copy.compress_type = info.file_size, info.compress_type
+                data = zin.open(info)
+            with data, zout.open(copy, "w", force_zip64=copy.file_size > ZIP64_LIMIT) as out:
+                shutil.copyfileobj(data, out, 1 << 22)
 
 
 def safe_member_name(name: str) -> bool:

@@ -37,6 +37,9 @@ def zip_members(path: str) -> tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]
             if info.filename in members:
                 zf.close()
                 raise FormatError(f"the archive holds two members named {info.filename!r}: ambiguous", path)
+            if info.external_attr & 0x10 and not info.filename.endswith("/"):  # MS-DOS directory bit
+                zf.close()  # torch's reader takes such a member for an empty directory, zipfile for a file
+                raise FormatError(f"zip member {info.filename!r} is marked as a directory: ambiguous", path)
             members[info.filename] = info
         return zf, members
     except ZIP_ERRORS as e:
