@@ -295,14 +295,21 @@ def keras_state(ckpt: Checkpoint) -> OptimizerState:
             key=lambda x: x[0],
         )
         trainable += [t for _, t in own if roles.role(t) not in ("mean", "var", "integer")]
-    rest = values[head:]
-    if not trainable or len(rest) % len(trainable):
-        opt.why = f"{len(rest)} optimizer variables for {len(trainable)} trainable variables"
+    return assign_slots(opt, trainable, values[head:], ("momentum", "velocity"))
+
+
+def assign_slots(
+    opt: OptimizerState, params: list[Tensor], values: list[Tensor], pair: tuple[str, str]
+) -> OptimizerState:
+    """OPT with VALUES (Keras optimizer variables: per parameter in order, each of its slots in
+    turn) given to PARAMS, when their count and every shape fit; else OPT saying why not."""
+    if not params or len(values) % len(params):
+        opt.why = f"{len(values)} optimizer variables for {len(params)} trainable variables"
         return opt
-    per = len(rest) // len(trainable)
-    names = {1: ("momentum",), 2: ("momentum", "velocity")}.get(per) or tuple(f"slot{k}" for k in range(per))
-    for i, param in enumerate(trainable):
-        tensors = dict(zip(names, rest[i * per : (i + 1) * per]))
+    per = len(values) // len(params)
+    names = {1: ("momentum",), 2: pair}.get(per) or tuple(f"slot{k}" for k in range(per))
+    for i, param in enumerate(params):
+        tensors = dict(zip(names, values[i * per : (i + 1) * per]))
         if any(t.shape != param.shape for t in tensors.values()):
             opt.why = f"optimizer variables do not match the trainable variables' shapes (at {param.name})"
             opt.slots = []
@@ -372,20 +379,7 @@ def tf_variables_state(ckpt: Checkpoint) -> OptimizerState:
                 return opt
             trainable.append(((int(m["layer"]), parts[:-1], TF_CREATION_ORDER[parts[-1]]), t))
     trainable.sort(key=lambda x: x[0])
-    params = [t for _, t in trainable]
-    if not params or len(values) % len(params):
-        opt.why = f"{len(values)} optimizer variables for {len(params)} trainable variables"
-        return opt
-    per = len(values) // len(params)
-    names = {1: ("momentum",), 2: ("m", "v")}.get(per) or tuple(f"slot{k}" for k in range(per))
-    for i, param in enumerate(params):
-        tensors = dict(zip(names, values[i * per : (i + 1) * per]))
-        if any(t.shape != param.shape for t in tensors.values()):
-            opt.why = f"optimizer variables do not match the trainable variables' shapes (at {param.name})"
-            opt.slots = []
-            return opt
-        opt.slots.append(Slot(i, tensors, param, param.name))
-    return opt
+    return assign_slots(opt, [t for _, t in trainable], values, ("m", "v"))
 
 
 # --- figures ---------------------------------------------------------------------------------------
