@@ -309,3 +309,22 @@ def test_keras_member_whose_headers_disagree_is_a_clean_error_when_copied(tmp_pa
     result = run("convert", str(src), str(tmp_path / "out.keras"))
     assert result.exit_code == 2 and "invalid zip archive: File name in directory" in result.stderr
     assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "out.keras").exists()
+
+
+def test_a_zip_claiming_several_disks_is_refused_as_torch_refuses_it(tmp_path):
+    import struct
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+    data = bytearray(buf.getvalue())
+    end = data.rfind(b"PK\x05\x06")
+    data[end + 4 : end + 6] = struct.pack("<H", 1)  # the end record's disk number
+    path = tmp_path / "disks.pt"
+    path.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match="multidisk"):
+        torch.load(path, weights_only=True)
+    for command in ("ls", "check", "info"):
+        result = run(command, str(path))
+        assert result.exit_code == 2 and "span several disks" in result.stderr, command
+        assert result.stderr.count("\n") == 1

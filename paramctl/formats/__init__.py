@@ -21,6 +21,7 @@ import pkgutil
 import shutil
 import sys
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -140,13 +141,24 @@ def _recognise(path: str) -> tuple[Format, str]:
         raise FormatError("empty file", path)
     probe = Probe(path, size, head)
     for fmt in formats():
-        if fmt.accept is not None and fmt.accept(probe):
+        if fmt.accept is not None and _accepts(fmt, probe):
             if remote.is_url(path) and not fmt.remote:
                 readable = ", ".join(f.name for f in formats() if f.remote)
                 raise FormatError(f"{fmt.description} is not read over a URL ({readable} are): download it first", path)
             return fmt, path
     known = ", ".join(f.description for f in formats() if f.accept is not None)
     raise FormatError(f"not a recognised checkpoint ({known})", path)
+
+
+def _accepts(fmt: Format, probe: Probe) -> bool:
+    """FMT's recogniser on PROBE; one that trips over a damaged file (a zip end record claiming
+    several disks) says no, and the next format, or the final refusal, speaks."""
+    try:
+        return bool(fmt.accept(probe))  # type: ignore[misc]
+    except ParamctlError:
+        raise
+    except (OSError, ValueError, EOFError, LookupError, ArithmeticError, zipfile.BadZipFile):
+        return False
 
 
 def _recognise_path(path: str) -> tuple[Format, str]:

@@ -589,7 +589,7 @@ def concatenated_zips(probe: Probe) -> bool:
     try:
         with open(probe.path, "rb") as f:
             end = zipfile._EndRecData(f)  # type: ignore[attr-defined]
-    except OSError:
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):  # a damaged end record: not ours to say
         return False
     if not end:
         return False

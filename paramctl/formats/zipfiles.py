@@ -31,7 +31,12 @@ def zip_members(path: str) -> tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]
     """The archive and its members by name. Two members of one name are refused: readers
     disagree on which one counts (torch's reads the first, Python's zipfile the last)."""
     try:
-        zf = zipfile.ZipFile(open_path(path))
+        f = open_path(path)
+        end = zipfile._EndRecData(f)  # type: ignore[attr-defined]
+        if end and (end[zipfile._ECD_DISK_NUMBER] or end[zipfile._ECD_DISK_START]):  # type: ignore[attr-defined]
+            f.close()  # torch's reader refuses an archive spanning disks; zipfile reads it
+            raise FormatError("a zip archive that claims to span several disks", path)
+        zf = zipfile.ZipFile(f)
         members: dict[str, zipfile.ZipInfo] = {}
         for info in zf.infolist():
             if info.filename in members:
