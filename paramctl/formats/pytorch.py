@@ -20,6 +20,7 @@ import os
 import pickle
 import re
 import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -490,18 +491,30 @@ def check_attributes(node: dict) -> None:
 # --- the zip format ----------------------------------------------------------------------------
 
 
-def load_zip(path: str, source: str) -> Checkpoint:
+@dataclass
+class Archive:
+    """A torch.save (or torch.jit.save) zip as torch's reader sees it: its members, the folder
+    `top` they live under, the storages in `top/data/`, and the pickle `top/data.pkl`."""
+
+    zf: zipfile.ZipFile
+    members: dict[str, zipfile.ZipInfo]
+    top: str
+    storages: dict[str, Storage]
+    data: bytes
+
+
+def open_archive(path: str, kind: str = "PyTorch checkpoint") -> Archive:
     zf, members = zip_members(path)
     pickles = [n for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
-        raise FormatError("not a PyTorch checkpoint: no single <top>/data.pkl in the archive", path)
+        raise FormatError(f"not a {kind}: no single <top>/data.pkl in the archive", path)
     top = pickles[0][: -len("data.pkl")]
     if not next(iter(members)).startswith(top):  # torch takes <top> from the first member
         raise FormatError(f"the archive's first member is not under {top}, where torch looks", path)
     byteorder = members.get(top + "byteorder")
     try:
         if byteorder is not None and read_member(zf, byteorder, path).strip() not in (b"little", b""):
-            raise FormatError("big-endian checkpoints are not supported", path)
+            raise FormatError(f"big-endian {kind}s are not supported", path)
         storages = {
             name[len(top) + 5 :]: member_storage(zf, info, path)
             for name, info in members.items()
@@ -510,6 +523,12 @@ def load_zip(path: str, source: str) -> Checkpoint:
         data = read_member(zf, members[pickles[0]], path)
     except ZIP_ERRORS as e:
         raise FormatError(f"invalid zip archive: {e}", path) from None
+    return Archive(zf, members, top, storages, data)
+
+
+def load_zip(path: str, source: str) -> Checkpoint:
+    archive = open_archive(path)
+    data, storages = archive.data, archive.storages
     obj = unpickle(data, storages, path)
     return Checkpoint(source, "pt", name_tensors(obj, path), extra=obj)
 

@@ -37,8 +37,9 @@ from paramctl.formats.pytorch import (
     check_lengths,
     load_with,
     opaque_class,
+    open_archive,
 )
-from paramctl.formats.zipfiles import ZIP_ERRORS, member_storage, read_member, zip_members
+from paramctl.formats.zipfiles import ZIP_ERRORS, read_member
 from paramctl.table import Checkpoint, Tensor
 
 READ_ONLY = "TorchScript archives are read-only in paramctl: convert to .pt or safetensors"
@@ -178,27 +179,11 @@ def state_dict_rows(root: Any, declarations: Declarations, path: str) -> list[Te
 
 
 def load(path: str, source: str) -> Checkpoint:
-    zf, members = zip_members(path)
-    pickles = [n for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
-    if len(pickles) != 1:
-        raise FormatError("not a TorchScript archive: no single <top>/data.pkl", path)
-    top = pickles[0][: -len("data.pkl")]
-    try:
-        byteorder = members.get(top + "byteorder")
-        if byteorder is not None and read_member(zf, byteorder, path).strip() not in (b"little", b""):
-            raise FormatError("big-endian archives are not supported", path)
-        storages = {
-            name[len(top) + 5 :]: member_storage(zf, info, path)
-            for name, info in members.items()
-            if name.startswith(top + "data/")
-        }
-        data = read_member(zf, members[pickles[0]], path)
-    except ZIP_ERRORS as e:
-        raise FormatError(f"invalid zip archive: {e}", path) from None
-    stream = io.BytesIO(data)
+    archive = open_archive(path, "TorchScript archive")
+    stream = io.BytesIO(archive.data)
     check_lengths(stream, path)
-    root = load_with(ScriptUnpickler(stream, storages, path))
-    rows = state_dict_rows(root, Declarations(zf, members, top, path), path)
+    root = load_with(ScriptUnpickler(stream, archive.storages, path))
+    rows = state_dict_rows(root, Declarations(archive.zf, archive.members, archive.top, path), path)
     return Checkpoint(source, "torchscript", rows, extra=root)
 
 
