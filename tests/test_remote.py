@@ -267,3 +267,18 @@ def test_credentials_never_reach_stdout_or_stderr(http, tmp_path):
             assert "s3cr3t" not in text and "sig" not in text.lower(), (args, text)
     info = json.loads(run("info", f"{base}/model.safetensors.index.json", "-f", "json").stdout)
     assert info["file_size"] == sum(p.stat().st_size for p in tmp_path.glob("model*"))
+
+
+def test_gguf_over_http_reads_the_header_by_ranges(http, tmp_path):
+    from test_gguf import write_gguf
+
+    gguf_path = write_gguf(tmp_path / "tiny.gguf")
+    server, base = http()
+    url = f"{base}/tiny.gguf"
+    local = json.loads(run("ls", str(gguf_path), "-f", "json").stdout)
+    assert json.loads(run("ls", url, "-f", "json").stdout) == local
+    info = json.loads(run("info", url, "-f", "json").stdout)
+    assert info["entries"]["general.architecture"] == "llama"
+    stats = run("stats", url, "-f", "json")
+    assert stats.exit_code == 0, stats.stderr
+    assert json.loads(stats.stdout) == json.loads(run("stats", str(gguf_path), "-f", "json").stdout)

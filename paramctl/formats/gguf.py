@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -148,9 +149,16 @@ def reader_class() -> type:
 def load(path: str, source: str) -> Checkpoint:
     from gguf import GGML_QUANT_SIZES
 
+    from paramctl import remote
+
     try:
-        reader = reader_class()(path)
-        infos = list(reader.tensors)
+        if remote.is_url(path):
+            with header_copy(path) as local:  # gguf's reader maps a local file: the header, fetched
+                reader = reader_class()(local)
+                infos = list(reader.tensors)
+        else:
+            reader = reader_class()(path)
+            infos = list(reader.tensors)
     except (ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError, UnicodeDecodeError) as e:
         raise FormatError(f"invalid GGUF file: {e}", path) from None
     size = int(reader.data.shape[0])
@@ -194,6 +202,77 @@ def load(path: str, source: str) -> Checkpoint:
                 )
             )
     return Checkpoint(source, "gguf", tensors, extra=GGUFSource(metadata_of(reader)))
+
+
+# sizes of GGUF's scalar value types (gguf.md): u8 i8 u16 i16 u32 i32 f32 bool, 10 u64 11 i64 12 f64
+SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+STRING, ARRAY = 8, 9
+
+
+def header_end(read: Callable[[int, int], bytes], size: int) -> int:
+    """Where the header of a GGUF file ends (after the tensor infos), stepping over the key-value
+    pairs by their lengths alone, for a file read by ranges. Every length is checked against SIZE."""
+
+    def u(pos: int, n: int) -> int:
+        raw = read(pos, n)
+        if len(raw) != n:
+            raise ValueError("the header runs past the end of the file")
+        return int.from_bytes(raw, "little")
+
+    def string_end(pos: int) -> int:
+        end = pos + 8 + u(pos, 8)
+        if end > size:
+            raise ValueError("a string runs past the end of the file")
+        return end
+
+    def value_end(pos: int, kind: int) -> int:
+        if kind in SCALAR_SIZES:
+            return pos + SCALAR_SIZES[kind]
+        if kind == STRING:
+            return string_end(pos)
+        if kind != ARRAY:
+            raise ValueError(f"unknown value type {kind}")
+        item, count = u(pos, 4), u(pos + 4, 8)
+        pos += 12
+        if item in SCALAR_SIZES:
+            return pos + count * SCALAR_SIZES[item]
+        if item != STRING:
+            raise ValueError("an array of arrays")
+        for _ in range(count):
+            pos = string_end(pos)
+        return pos
+
+    if u(4, 4) & 0xFFFF == 0:
+        raise ValueError("a big-endian GGUF file is read locally only")
+    tensors, pairs, pos = u(8, 8), u(16, 8), 24
+    for _ in range(pairs):
+        pos = string_end(pos)
+        pos = value_end(pos + 4, u(pos, 4))
+        if pos > size:
+            raise ValueError("the metadata runs past the end of the file")
+    for _ in range(tensors):
+        pos = string_end(pos)
+        pos += 4 + 8 * u(pos, 4) + 4 + 8
+        if pos > size:
+            raise ValueError("the tensor infos run past the end of the file")
+    return pos
+
+
+@contextmanager
+def header_copy(url: str) -> Iterator[str]:
+    """A local sparse file as large as the GGUF at URL holding its header (fetched by ranges; the
+    rest is a hole): what gguf's reader maps. Tensor values are still read from the URL."""
+    import tempfile
+
+    from paramctl import remote
+
+    size = remote.size(url)
+    end = header_end(lambda pos, n: remote.read_range(url, pos, n), size)
+    with tempfile.NamedTemporaryFile(prefix="paramctl-gguf-", suffix=".gguf") as f:
+        f.write(remote.read_range(url, 0, end))
+        f.truncate(size)
+        f.flush()
+        yield f.name
 
 
 def swapped_reader(path: str, offset: int, itemsize: int) -> Callable[[int, int], bytes]:
@@ -258,6 +337,7 @@ register(
         extensions=(".gguf",),  # not written: an output named .gguf is refused, not written as another format
         accept=lambda probe: probe.head[:4] == MAGIC,
         entries=entries,
+        remote=True,
         priority=30,
     )
 )
