@@ -100,10 +100,26 @@ def output_options(fn: Callable) -> Callable:
     )(fn)
 
 
-def to_option(fn: Callable) -> Callable:
-    from paramctl.formats import writable
+class WritableFormat(click.Choice):
+    """--to's choices, asked of the format registry only when --to is parsed or help is shown:
+    building the command line must not import every format module."""
 
-    return click.option("--to", type=click.Choice(writable()), help="Output format (default: from the extension).")(fn)
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        from paramctl.formats import writable
+
+        return tuple(writable())
+
+    @choices.setter
+    def choices(self, value: Any) -> None:
+        pass
+
+
+def to_option(fn: Callable) -> Callable:
+    return click.option("--to", type=WritableFormat(), help="Output format (default: from the extension).")(fn)
 
 
 def write_options(fn: Callable) -> Callable:

@@ -17,8 +17,6 @@ environment and profiles for S3); messages show a URL without user information o
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import io
 import os
 import re
@@ -161,6 +159,8 @@ class RemoteFile:
         return first
 
     def _cache_key(self) -> str:
+        import hashlib
+
         return hashlib.sha256(redact(self.url).encode()).hexdigest()[:32]
 
     def _cache_path(self, start: int, end: int) -> str | None:
@@ -267,6 +267,8 @@ def auth_headers(parts: Any) -> dict[str, str]:
     """HTTP Basic from the URL's user information; a Hugging Face token for huggingface.co."""
     if parts.username is not None:
         pair = f"{parts.username}:{parts.password or ''}".encode()
+        import base64
+
         return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
     token = os.environ.get("HF_TOKEN")
     if token and (parts.hostname or "").endswith(("huggingface.co", "hf.co")):

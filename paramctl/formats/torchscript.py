@@ -21,7 +21,6 @@ dict; the code cannot be kept, and an archive is never overwritten in place.
 
 from __future__ import annotations
 
-import ast
 import io
 import os
 import re
@@ -121,6 +120,8 @@ class Declarations:
             lists: dict[str, list[str]] = {"parameters": [], "buffers": []}
             for kind, literal in DECLARED.findall(match.group(3)):
                 try:
+                    import ast
+
                     names = ast.literal_eval(literal)
                 except (ValueError, SyntaxError):
                     names = None
