@@ -14,8 +14,6 @@ only to draw values.
 
 from __future__ import annotations
 
-import ast
-import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -32,6 +30,8 @@ from paramctl.errors import UsageError
 from paramctl.table import Checkpoint, Tensor
 
 if TYPE_CHECKING:
+    import ast
+
     import numpy as np
     import torch
 
@@ -63,6 +63,8 @@ def fan_in_out(shape: tuple[int, ...], layout: str) -> tuple[int, int] | None:
 def tensor_seed(seed: int, name: str) -> int:
     """The seed of NAME's draw: a hash of (SEED, NAME) alone, stable across runs and machines
     (unlike `hash()`), so a tensor's values do not depend on what else is re-initialized."""
+    import hashlib
+
     key = f"{seed}\0{name}".encode("utf-8", "surrogatepass")
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
@@ -731,6 +733,8 @@ def parse_spec(spec: str) -> Initializer:
     custom = CUSTOM_SPEC.fullmatch(spec)
     if custom:
         return load_custom(custom["where"].strip(), custom["func"])
+    import ast
+
     try:
         node = ast.parse(spec, mode="eval").body
     except (SyntaxError, ValueError, RecursionError, MemoryError):
@@ -756,6 +760,8 @@ def parse_spec(spec: str) -> Initializer:
 
 
 def literal(spec: str, node: ast.expr) -> Any:
+    import ast
+
     try:
         return ast.literal_eval(node)
     except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):

@@ -6,7 +6,6 @@ decided here once (`PARAMCTL_TTY=1|0` overrides it, for tests and for `watch`-st
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -123,6 +122,8 @@ def emit(
         for row in rows:
             out.write("\t".join(_plain(row.get(c)) for c in columns) + "\n")
     elif fmt == "csv":
+        import csv
+
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(columns)
         for row in rows:
