@@ -21,6 +21,7 @@ import io
 import os
 import re
 import threading
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -210,8 +211,6 @@ class HTTPBackend:
         return body
 
     def _get(self, start: int, length: int) -> tuple[int, dict[str, str], bytes]:
-        import http.client
-
         url = self.url
         origin = urlsplit(url)
         for _ in range(MAX_REDIRECTS + 1):
@@ -222,18 +221,12 @@ class HTTPBackend:
             target = parts.path or "/"
             if parts.query:
                 target += "?" + parts.query
+            key = (parts.scheme.lower(), parts.hostname or "", parts.port)
             try:
-                conn = self._connection(parts)
-                conn.request("GET", target, headers=headers)
-                response = conn.getresponse()
-                status = response.status
-                answer = {k.lower(): v for k, v in response.getheaders()}
-                body = response.read(length + 1) if status in (200, 206) else response.read(1 << 16)
-                if status == 200 or response.will_close:
-                    self._drop(parts)
-            except (OSError, http.client.HTTPException) as e:
-                self._drop(parts)
-                reason = "timed out" if isinstance(e, TimeoutError) else f"cannot connect: {e}"
+                status, reason, answer, body = self._exchange(key, target, headers, length + 1)
+            except (OSError, ValueError) as e:
+                self._drop(key)
+                reason = "timed out" if isinstance(e, TimeoutError) else f"cannot read: {e}"
                 raise FormatError(reason, self.shown) from None
             if status in (301, 302, 303, 307, 308) and "location" in answer:
                 url = urljoin(url, answer["location"])
@@ -243,24 +236,107 @@ class HTTPBackend:
             if status == 404:
                 raise FormatError("not found (404)", self.shown)
             if status not in (200, 206, 416):
-                raise FormatError(f"HTTP {status} {response.reason}", self.shown)
+                raise FormatError(f"HTTP {status} {reason}", self.shown)
             return status, answer, body
         raise FormatError(f"more than {MAX_REDIRECTS} redirects", self.shown)
 
-    def _connection(self, parts: Any) -> Any:
-        import http.client
+    def _exchange(
+        self, key: tuple[str, str, int | None], target: str, headers: dict[str, str], most: int
+    ) -> tuple[int, str, dict[str, str], bytes]:
+        """One GET on this thread's connection to KEY (made, or made again when the server closed
+        it): the status, reason, headers and at most MOST bytes of the body. HTTP/1.1 by hand over
+        a socket: http.client's import (the email package) costs more than a listing's work."""
+        scheme, host, port = key
+        for attempt in (0, 1):
+            reused = key in self._connections()
+            conn = self._connection(key)
+            lines = [f"GET {target} HTTP/1.1", f"Host: {host}" + (f":{port}" if port else "")]
+            lines += [f"{k}: {v}" for k, v in headers.items()] + ["User-Agent: paramctl", "Connection: keep-alive"]
+            try:
+                conn.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+                status, reason, answer = read_head(conn.file)
+            except (OSError, ValueError):
+                self._drop(key)
+                if reused and attempt == 0:
+                    continue  # a kept-alive connection the server had closed: once more, afresh
+                raise
+            body, whole = read_body(conn.file, answer, most)
+            if not whole or answer.get("connection", "").lower() == "close":
+                self._drop(key)
+            return status, reason, answer, body
+        raise OSError("no answer")
 
-        key = (parts.scheme, parts.hostname, parts.port)
-        connections = self.local.__dict__.setdefault("connections", {})
+    def _connections(self) -> dict[tuple, Connection]:
+        return self.local.__dict__.setdefault("connections", {})
+
+    def _connection(self, key: tuple[str, str, int | None]) -> Connection:
+        connections = self._connections()
         if key not in connections:
-            kind = http.client.HTTPSConnection if parts.scheme.lower() == "https" else http.client.HTTPConnection
-            connections[key] = kind(parts.hostname or "", parts.port, timeout=TIMEOUT)
+            import socket
+
+            scheme, host, port = key
+            sock = socket.create_connection((host, port or (443 if scheme == "https" else 80)), timeout=TIMEOUT)
+            if scheme == "https":
+                import ssl
+
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            connections[key] = Connection(sock, sock.makefile("rb"))
         return connections[key]
 
-    def _drop(self, parts: Any) -> None:
-        connection = self.local.__dict__.get("connections", {}).pop((parts.scheme, parts.hostname, parts.port), None)
+    def _drop(self, key: tuple[str, str, int | None]) -> None:
+        connection = self._connections().pop(key, None)
         if connection is not None:
-            connection.close()
+            connection.file.close()
+            connection.sock.close()
+
+
+@dataclass
+class Connection:
+    sock: Any
+    file: Any  # buffered reader on the socket
+
+
+MAX_HEADER_LINES = 200
+
+
+def read_head(f: Any) -> tuple[int, str, dict[str, str]]:
+    """The status line and headers of an HTTP/1.x response (header names lower-cased)."""
+    line = f.readline(1 << 16)
+    if not line:
+        raise OSError("the server closed the connection")
+    version, _, rest = line.decode("latin-1").strip().partition(" ")
+    code, _, reason = rest.partition(" ")
+    if not version.startswith("HTTP/") or not code.isdigit():
+        raise ValueError(f"not an HTTP answer: {line[:60]!r}")
+    headers: dict[str, str] = {}
+    for _ in range(MAX_HEADER_LINES):
+        line = f.readline(1 << 16)
+        if line in (b"\r\n", b"\n", b""):
+            return int(code), reason, headers
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    raise ValueError("too many header lines")
+
+
+def read_body(f: Any, headers: dict[str, str], most: int) -> tuple[bytes, bool]:
+    """At most MOST bytes of the body, and whether all of it was read (the connection is reusable)."""
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        parts: list[bytes] = []
+        total = 0
+        while total < most:
+            size = int(f.readline(1 << 10).split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                f.readline(1 << 10)
+                return b"".join(parts), True
+            parts.append(f.read(size))
+            f.readline(1 << 10)
+            total += size
+        return b"".join(parts)[:most], False
+    if "content-length" in headers:
+        length = int(headers["content-length"])
+        body = f.read(min(length, most))
+        return body, len(body) == length
+    return f.read(most), False  # until the server closes: never reused
 
 
 def auth_headers(parts: Any) -> dict[str, str]:

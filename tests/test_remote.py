@@ -24,6 +24,8 @@ class Handler(BaseHTTPRequestHandler):
     """Files under the server's `root`; `/moved/X` answers 302 to `/X`, `/secret/X` 403, and
     the server honours Range unless `ranges` is off. Every request is logged."""
 
+    protocol_version = "HTTP/1.1"  # connections kept alive between requests, as real servers do
+
     def log_message(self, *args):
         pass
 
