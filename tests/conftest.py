@@ -44,3 +44,35 @@ def pytest_terminal_summary(terminalreporter) -> None:
             f"{counts['reference refused']} read by paramctl only (the reference refused or was not run); "
             f"{counts['bound or agreement failures']} agree-or-refuse or bound failures"
         )
+
+
+def tied_module():
+    """A tiny torch module whose head is tied to its embedding (one Parameter under two names)."""
+    import torch
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+    return Tied()
+
+
+def frameworks_imported(path: str, commands: tuple[str, ...] = ("ls", "stats", "check")) -> list[str]:
+    """Which of torch, h5py and keras a fresh interpreter has imported after running COMMANDS on PATH."""
+    import subprocess
+
+    code = (
+        "import sys, runpy\n"
+        f"for command in {commands!r}:\n"
+        "    sys.argv = ['paramctl', command, sys.argv[1]]\n"
+        "    try: runpy.run_module('paramctl', run_name='__main__')\n"
+        "    except SystemExit: pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'h5py', 'keras'}))"
+    )
+    import ast
+
+    out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, check=True)
+    return ast.literal_eval(out.stdout.strip().splitlines()[-1])

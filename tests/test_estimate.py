@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run
+from conftest import run, tied_module
 
 
 def nbytes(tensors) -> int:
@@ -168,14 +168,7 @@ def test_a_tie_counts_once(tmp_path):
     """save_model stores a tied pair once plus a declared alias; torch.save shares one storage."""
     from safetensors.torch import save_model
 
-    class Tied(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(10, 4)
-            self.head = torch.nn.Linear(4, 10, bias=False)
-            self.head.weight = self.emb.weight
-
-    model = Tied()
+    model = tied_module()
     save_model(model, str(tmp_path / "tied.safetensors"))
     torch.save(model.state_dict(), tmp_path / "tied.pt")
     for name in ("tied.safetensors", "tied.pt"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run
+from conftest import run, tied_module
 from safetensors.numpy import load_file
 
 from paramctl.merge import trim
@@ -452,15 +452,8 @@ def test_lora_on_a_tied_weight_changes_the_tie_and_keeps_it(tmp_path):
     peft changes the one shared parameter, and the output still stores them once."""
     from safetensors.torch import save_file
 
-    class Tied(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(10, 4)
-            self.head = torch.nn.Linear(4, 10, bias=False)
-            self.head.weight = self.emb.weight
-
     torch.manual_seed(0)
-    model = Tied()
+    model = tied_module()
     torch.save(model.state_dict(), tmp_path / "base.pt")
     adapter = tmp_path / "adapter"
     adapter.mkdir()

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLES, run
+from conftest import SAMPLES, run, tied_module
 from safetensors import safe_open
 from safetensors.torch import save_file, save_model
 
@@ -19,15 +19,8 @@ from safetensors.torch import save_file, save_model
 def tied_file(tmp_path) -> Path:
     """A safetensors file with metadata and a declared tie (save_model writes {dropped: kept})."""
 
-    class Tied(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(10, 4)
-            self.head = torch.nn.Linear(4, 10, bias=False)
-            self.head.weight = self.emb.weight
-
     path = tmp_path / "tied.safetensors"
-    save_model(Tied(), str(path), metadata={"format": "pt", "license": "apache-2.0"})
+    save_model(tied_module(), str(path), metadata={"format": "pt", "license": "apache-2.0"})
     return path
 
 
@@ -59,14 +52,7 @@ def test_set_and_unset_rewrite_the_header_only(tied_file, tmp_path):
     # the declared tie still re-ties in safetensors' own loader
     from safetensors.torch import load_model
 
-    class Tied(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(10, 4)
-            self.head = torch.nn.Linear(4, 10, bias=False)
-            self.head.weight = self.emb.weight
-
-    model = Tied()
+    model = tied_module()
     load_model(model, str(out))
     assert model.head.weight.data_ptr() == model.emb.weight.data_ptr()
     assert run("meta", str(out)).output == run("meta", str(out), "--format", "json").output
