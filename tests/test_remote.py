@@ -284,3 +284,22 @@ def test_gguf_over_http_reads_the_header_by_ranges(http, tmp_path):
     stats = run("stats", url, "-f", "json")
     assert stats.exit_code == 0, stats.stderr
     assert json.loads(stats.stdout) == json.loads(run("stats", str(gguf_path), "-f", "json").stdout)
+
+
+def test_an_edit_of_a_remote_sharded_set_writes_a_whole_local_directory(http, tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    write_shards(served)
+    (served / "config.json").write_text('{"model_type": "mlp"}')
+    _, base = http()
+    out = tmp_path / "out"
+    result = run("set", f"{base}/served/model.safetensors.index.json", "2.bias", "0", "-o", f"{out}/")
+    assert result.exit_code == 0, result.stderr
+    assert "copied config.json" in result.stderr
+    assert (out / "config.json").read_text() == '{"model_type": "mlp"}'
+    edited = paramctl.load(str(out))
+    original = paramctl.load(str(served))
+    assert edited.names() == original.names()
+    for t in original:  # unchanged shards came over by ranges, byte for byte
+        expected = np.zeros(10, np.float32) if t.name == "2.bias" else t.array()
+        np.testing.assert_array_equal(edited[t.name].array(), expected)

@@ -402,7 +402,7 @@ def write_shards(ckpt: Checkpoint, index: str, fmt: str, shard_size: int | None)
                 else:
                     written = stack.enter_context(atomic_path(os.path.join(directory, p.file)))
                     if p.unchanged and p.source is not None:
-                        shutil.copyfile(os.path.join(source_dir, p.source.file), written)
+                        copy_file(os.path.join(source_dir, p.source.file), written)
                     else:
                         write_shard(ckpt, p, fmt, written)
                 weight_map.update(dict.fromkeys(stored_names(written, fmt, p.rows), p.file))
@@ -448,29 +448,65 @@ def copy_companions(ckpt: Checkpoint, directory: str) -> None:
     read = source.index if source is not None else ckpt.path
     if not read or ckpt.source == "-":
         return
-    source_dir = os.path.dirname(os.path.abspath(read))
+    at_url = remote.is_url(read)
+    source_dir = os.path.dirname(read) if at_url else os.path.dirname(os.path.abspath(read))
     if not (os.path.isdir(ckpt.source) or os.path.basename(read) in WEIGHTS_FILES):
         return
     if ckpt.format not in ("sharded", *SHARD_FORMATS):  # a DCP or TensorFlow directory: none of this
         return
-    if os.path.realpath(source_dir) == os.path.realpath(directory):
+    if not at_url and os.path.realpath(source_dir) == os.path.realpath(directory):
         return
     copied = []
-    for entry in sorted(os.scandir(source_dir), key=lambda e: e.name):
-        name = entry.name
-        if name.startswith(".") or name.lower().endswith(NOT_COMPANIONS) or re.search(r"-\d+-of-\d+\.", name):
-            continue
-        if not entry.is_file() or entry.stat().st_size > COMPANION_LIMIT:
-            continue
+    for name, path in companions(source_dir, at_url):
         target = os.path.join(directory, name)
         if os.path.lexists(target):
             continue  # what the output directory holds already (an edited config) is kept
         with atomic_path(target) as tmp:
-            shutil.copyfile(entry.path, tmp)
+            copy_file(path, tmp)
         copied.append(name)
     if copied:
         shown = ckpt.source if os.path.isdir(ckpt.source) else os.path.dirname(read) or "."
         output.note(f"copied {', '.join(copied)} from {shown} beside the weights")
+
+
+# what a save_pretrained directory at a URL is asked for (its files cannot be listed)
+REMOTE_COMPANIONS = (
+    "config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "scheduler_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def companions(source_dir: str, at_url: bool) -> list[tuple[str, str]]:
+    """(name, path) of the non-weight files beside a save_pretrained checkpoint: every small plain
+    file of a local directory; the usual names that exist, at a URL."""
+    if at_url:
+        found = [(name, f"{source_dir}/{name}") for name in REMOTE_COMPANIONS]
+        return [(n, p) for n, p in found if remote.is_file(p) and remote.size(p) <= COMPANION_LIMIT]
+    chosen = []
+    for entry in sorted(os.scandir(source_dir), key=lambda e: e.name):
+        name = entry.name
+        if name.startswith(".") or name.lower().endswith(NOT_COMPANIONS) or re.search(r"-\d+-of-\d+\.", name):
+            continue
+        if entry.is_file() and entry.stat().st_size <= COMPANION_LIMIT:
+            chosen.append((name, entry.path))
+    return chosen
+
+
+def copy_file(source: str, target: str) -> None:
+    """SOURCE's bytes into TARGET: a local copy, or a URL's read by ranges a few MiB at a time."""
+    if not remote.is_url(source):
+        shutil.copyfile(source, target)
+        return
+    with remote.open_path(source) as src, open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst, 4 << 20)
 
 
 def write_shard(ckpt: Checkpoint, p: Planned, fmt: str, path: str) -> None:
